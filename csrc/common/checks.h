@@ -1,0 +1,48 @@
+#pragma once
+// Argument checks shared by every family. Each message names the operator, the
+// argument, what was expected and what came (design section 7).
+
+#include <ATen/core/Tensor.h>
+
+#include <c10/util/Exception.h>
+
+namespace pyops {
+
+inline bool is_supported_floating(at::ScalarType t) {
+  return t == at::kFloat || t == at::kDouble || t == at::kHalf || t == at::kBFloat16;
+}
+
+inline void check_defined(const at::Tensor& t, const char* arg, const char* op) {
+  TORCH_CHECK_VALUE(t.defined(), op, ": expected ", arg, " to be a tensor, got None");
+}
+
+// A defined, strided tensor of float32, float64, float16 or bfloat16.
+inline void check_floating(const at::Tensor& t, const char* arg, const char* op) {
+  check_defined(t, arg, op);
+  TORCH_CHECK_TYPE(t.layout() == at::kStrided, op, ": expected ", arg,
+                   " to be a dense (strided) tensor, got layout ", t.layout());
+  TORCH_CHECK_TYPE(is_supported_floating(t.scalar_type()), op, ": expected ", arg,
+                   " to have dtype float32, float64, float16 or bfloat16, got ",
+                   t.scalar_type());
+}
+
+inline void check_same_dtype(const at::Tensor& t, const char* arg, const at::Tensor& ref,
+                             const char* ref_arg, const char* op) {
+  TORCH_CHECK_TYPE(t.scalar_type() == ref.scalar_type(), op, ": expected ", arg,
+                   " to have the dtype of ", ref_arg, " (", ref.scalar_type(), "), got ",
+                   t.scalar_type());
+}
+
+inline void check_same_device(const at::Tensor& t, const char* arg, const at::Tensor& ref,
+                              const char* ref_arg, const char* op) {
+  TORCH_CHECK(t.device() == ref.device(), op, ": expected ", arg,
+              " to be on the device of ", ref_arg, " (", ref.device(), "), got ", t.device());
+}
+
+inline void check_same_shape(const at::Tensor& t, const char* arg, const at::Tensor& ref,
+                             const char* ref_arg, const char* op) {
+  TORCH_CHECK(t.sizes() == ref.sizes(), op, ": expected ", arg, " to have the shape of ",
+              ref_arg, " ", ref.sizes(), ", got ", t.sizes());
+}
+
+}  // namespace pyops

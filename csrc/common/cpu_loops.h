@@ -1,0 +1,106 @@
+#pragma once
+// Element-wise loops for the per-capability CPU kernel files (*_cpu.cpp). An `op` is a
+// generic callable written once with the family's shared math; these loops call it with
+// Vectorized<opmath_t<T>> for the SIMD body and with opmath_t<T> for the tail, so the
+// scalar code that CUDA runs is exercised on every CPU test whose size is not a
+// multiple of the SIMD width. Half and bfloat16 are computed in float.
+
+#include <ATen/OpMathType.h>
+#include <ATen/Parallel.h>
+#include <ATen/cpu/vec/functional.h>
+#include <ATen/cpu/vec/vec.h>
+
+#include <tuple>
+#include <type_traits>
+
+#include "common/isa.h"
+
+namespace pyops::cpu {
+inline namespace PYOPS_ISA_NAMESPACE {
+
+using at::vec::Vectorized;
+
+template <typename T>
+using opmath_t = at::opmath_type<T>;
+
+template <typename T>
+constexpr bool is_reduced_float_v =
+    std::is_same_v<T, c10::Half> || std::is_same_v<T, c10::BFloat16>;
+
+// Elements per task of at::parallel_for for streaming kernels (ATen's GRAIN_SIZE).
+constexpr int64_t kGrainSize = 32768;
+
+namespace detail {
+template <typename T>
+struct FloatHalves {
+  Vectorized<float> lo, hi;
+};
+
+template <typename T>
+inline FloatHalves<T> load_as_float(const T* ptr) {
+  auto [lo, hi] = at::vec::convert_to_float<T>(Vectorized<T>::loadu(ptr));
+  return {lo, hi};
+}
+
+template <typename T>
+inline void store_from_float(T* ptr, const Vectorized<float>& lo, const Vectorized<float>& hi) {
+  at::vec::convert_from_float<T>(lo, hi).store(ptr);
+}
+
+// Sum of the lanes, lane by lane in order (deterministic).
+template <typename V>
+inline auto lane_sum(const V& v) {
+  using S = typename V::value_type;
+  alignas(64) S lanes[V::size()];
+  v.store(lanes);
+  S total = S(0);
+  for (int i = 0; i < V::size(); ++i) total += lanes[i];
+  return total;
+}
+}  // namespace detail
+
+// out[i] = op(in[i]...) for i in [0, n), on this thread. When `Sum` is true, returns
+// the sum of the op's results (in opmath_t<T>, before rounding to T).
+template <bool Sum = false, typename T, typename Op, typename... In>
+inline opmath_t<T> map_range(const Op& op, int64_t n, T* out, const In*... in) {
+  static_assert((std::is_same_v<T, In> && ...), "inputs and output share one dtype");
+  using Acc = opmath_t<T>;
+  using AccVec = Vectorized<Acc>;
+  int64_t i = 0;
+  AccVec vsum(Acc(0));
+  if constexpr (is_reduced_float_v<T>) {
+    constexpr int64_t kStep = Vectorized<T>::size();
+    for (; i + kStep <= n; i += kStep) {
+      std::tuple<detail::FloatHalves<In>...> loaded{detail::load_as_float(in + i)...};
+      auto lo = std::apply([&](const auto&... h) { return op(h.lo...); }, loaded);
+      auto hi = std::apply([&](const auto&... h) { return op(h.hi...); }, loaded);
+      if constexpr (Sum) vsum = vsum + lo + hi;
+      detail::store_from_float(out + i, lo, hi);
+    }
+  } else {
+    constexpr int64_t kStep = Vectorized<T>::size();
+    for (; i + kStep <= n; i += kStep) {
+      auto result = op(Vectorized<T>::loadu(in + i)...);
+      if constexpr (Sum) vsum = vsum + result;
+      result.store(out + i);
+    }
+  }
+  Acc sum = Sum ? detail::lane_sum(vsum) : Acc(0);
+  for (; i < n; ++i) {
+    Acc result = op(static_cast<Acc>(in[i])...);
+    if constexpr (Sum) sum += result;
+    out[i] = static_cast<T>(result);
+  }
+  return sum;
+}
+
+// map_range over [0, n), split across at::parallel_for's threads.
+template <typename T, typename Op, typename... In>
+inline void parallel_map(const Op& op, int64_t n, T* out, const In*... in) {
+  at::parallel_for(0, n, kGrainSize, [&](int64_t begin, int64_t end) {
+    map_range(op, end - begin, out + begin, (in + begin)...);
+  });
+}
+
+}  // namespace PYOPS_ISA_NAMESPACE
+}  // namespace pyops::cpu
