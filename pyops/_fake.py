@@ -11,14 +11,24 @@ def _like(t):
     return torch.empty_like(t)
 
 
+def _returns_nothing(*args, **kwargs):
+    # In-place and out= operators return nothing (torch.compile functionalizes only
+    # those); their Python wrappers return the mutated tensor.
+    return None
+
+
 for _name in ("relu", "sigmoid", "tanh"):
     register_fake(f"pyops::{_name}")(lambda self: _like(self))
     register_fake(f"pyops::_{_name}_backward")(lambda grad_output, result: _like(result))
+    for _overload in (f"{_name}_", f"{_name}.out", f"_{_name}_backward.grad_input"):
+        register_fake(f"pyops::{_overload}")(_returns_nothing)
 
 register_fake("pyops::leaky_relu")(lambda self, negative_slope=0.01: _like(self))
 register_fake("pyops::_leaky_relu_backward")(
     lambda grad_output, self, negative_slope, self_is_result: _like(self)
 )
+for _overload in ("leaky_relu_", "leaky_relu.out", "_leaky_relu_backward.grad_input"):
+    register_fake(f"pyops::{_overload}")(_returns_nothing)
 
 
 def _channel_layout_like(t):

@@ -9,7 +9,9 @@ from pyops import _C  # noqa: F401  (the operators must be registered)
 
 _ops = torch.ops.pyops
 
-# Resolved once: calling an OpOverload skips the overload lookup on every call.
+# Resolved once: calling an OpOverload skips the overload lookup on every call. In-place
+# and out= operators return nothing (so torch.compile can functionalize them): the
+# wrappers return the mutated tensor, as torch does.
 _relu, _relu_ = _ops.relu.default, _ops.relu_.default
 _leaky_relu, _leaky_relu_ = _ops.leaky_relu.default, _ops.leaky_relu_.default
 _sigmoid, _sigmoid_, _sigmoid_out = _ops.sigmoid.default, _ops.sigmoid_.default, _ops.sigmoid.out
@@ -27,14 +29,18 @@ def relu(input, inplace=False):
     """torch.nn.functional.relu"""
     if has_torch_function_unary(input):
         return handle_torch_function(relu, (input,), input, inplace=inplace)
-    return _relu_(input) if inplace else _relu(input)
+    if inplace:
+        _relu_(input)
+        return input
+    return _relu(input)
 
 
 def relu_(input):
     """torch.nn.functional.relu_"""
     if has_torch_function_unary(input):
         return handle_torch_function(relu_, (input,), input)
-    return _relu_(input)
+    _relu_(input)
+    return input
 
 
 def leaky_relu(input, negative_slope=0.01, inplace=False):
@@ -44,7 +50,8 @@ def leaky_relu(input, negative_slope=0.01, inplace=False):
             leaky_relu, (input,), input, negative_slope=negative_slope, inplace=inplace
         )
     if inplace:
-        return _leaky_relu_(input, negative_slope)
+        _leaky_relu_(input, negative_slope)
+        return input
     return _leaky_relu(input, negative_slope)
 
 
@@ -52,21 +59,28 @@ def leaky_relu_(input, negative_slope=0.01):
     """torch.nn.functional.leaky_relu_"""
     if has_torch_function_unary(input):
         return handle_torch_function(leaky_relu_, (input,), input, negative_slope=negative_slope)
-    return _leaky_relu_(input, negative_slope)
+    _leaky_relu_(input, negative_slope)
+    return input
 
 
 def sigmoid(input, *, out=None):
     """torch.sigmoid"""
     if has_torch_function_unary(input):
         return handle_torch_function(sigmoid, (input,), input, out=out)
-    return _sigmoid(input) if out is None else _sigmoid_out(input, out=out)
+    if out is None:
+        return _sigmoid(input)
+    _sigmoid_out(input, out=out)
+    return out
 
 
 def tanh(input, *, out=None):
     """torch.tanh"""
     if has_torch_function_unary(input):
         return handle_torch_function(tanh, (input,), input, out=out)
-    return _tanh(input) if out is None else _tanh_out(input, out=out)
+    if out is None:
+        return _tanh(input)
+    _tanh_out(input, out=out)
+    return out
 
 
 def bias_act(input, bias, activation="none", negative_slope=0.01):

@@ -62,10 +62,10 @@ Tensor forward_impl(Activation act, double slope, const Tensor& self, const char
   return output;
 }
 
-Tensor& forward_inplace_impl(Activation act, double slope, Tensor& self, const char* op) {
+void forward_inplace_impl(Activation act, double slope, const Tensor& self, const char* op) {
   check_floating(self, "input", op);
   at::assert_no_internal_overlap(self);
-  if (self.numel() == 0) return self;
+  if (self.numel() == 0) return;
   if (self.is_non_overlapping_and_dense()) {
     forward_kernel(self.device().type())(act, slope, self, self);
   } else {
@@ -73,14 +73,12 @@ Tensor& forward_inplace_impl(Activation act, double slope, Tensor& self, const c
     forward_kernel(work.device().type())(act, slope, work, work);
     self.copy_(work);  // never leave the result in a dropped copy
   }
-  return self;
 }
 
 // Writes `result` (dense) into the user's `out`, resized like torch's out= ops.
-Tensor& write_out(const Tensor& result, Tensor& out) {
+void write_out(const Tensor& result, const Tensor& out) {
   at::native::resize_output(out, result.sizes());
   if (!out.is_same(result)) out.copy_(result);
-  return out;
 }
 
 void check_out(const Tensor& out, const char* out_arg, const Tensor& ref, const char* ref_arg,
@@ -91,17 +89,17 @@ void check_out(const Tensor& out, const char* out_arg, const Tensor& ref, const 
   at::assert_no_internal_overlap(out);
 }
 
-Tensor& forward_out_impl(Activation act, double slope, const Tensor& self, Tensor& out,
-                         const char* op) {
+void forward_out_impl(Activation act, double slope, const Tensor& self, const Tensor& out,
+                      const char* op) {
   check_floating(self, "input", op);
   check_out(out, "out", self, "input", op);
   at::assert_no_partial_overlap(out, self);
   if (out.sizes() == self.sizes() && out.is_non_overlapping_and_dense()) {
     Tensor input = dense_like(self, out);
     if (out.numel() > 0) forward_kernel(out.device().type())(act, slope, input, out);
-    return out;
+    return;
   }
-  return write_out(forward_impl(act, slope, self, op), out);
+  write_out(forward_impl(act, slope, self, op), out);
 }
 
 // ---- Element-wise backward ----------------------------------------------------------
@@ -127,9 +125,9 @@ Tensor backward_impl(Activation act, double slope, const Tensor& grad_output, co
   return grad_input;
 }
 
-Tensor& backward_out_impl(Activation act, double slope, const Tensor& grad_output,
-                          const Tensor& saved, const char* saved_arg, Tensor& grad_input,
-                          const char* op) {
+void backward_out_impl(Activation act, double slope, const Tensor& grad_output,
+                       const Tensor& saved, const char* saved_arg, const Tensor& grad_input,
+                       const char* op) {
   check_backward_args(grad_output, saved, saved_arg, op);
   check_out(grad_input, "grad_input", grad_output, "grad_output", op);
   at::assert_no_partial_overlap(grad_input, grad_output);
@@ -139,9 +137,9 @@ Tensor& backward_out_impl(Activation act, double slope, const Tensor& grad_outpu
       backward_kernel(grad_input.device().type())(act, slope, dense_like(grad_output, grad_input),
                                                   dense_like(saved, grad_input), grad_input);
     }
-    return grad_input;
+    return;
   }
-  return write_out(backward_impl(act, slope, grad_output, saved, saved_arg, op), grad_input);
+  write_out(backward_impl(act, slope, grad_output, saved, saved_arg, op), grad_input);
 }
 
 void check_leaky_backward(double slope, bool self_is_result, const char* op) {
@@ -244,12 +242,12 @@ Tensor call_forward(Activation act, const Tensor& self, double slope) {
   TORCH_INTERNAL_ASSERT(false, "no forward operator for activation none");
 }
 
-Tensor& call_forward_(Activation act, Tensor& self, double slope) {
-  using Unary = Tensor&(Tensor&);
+void call_forward_(Activation act, const Tensor& self, double slope) {
+  using Unary = void(const Tensor&);
   static auto relu = op_handle<Unary>("pyops::relu_");
   static auto sigmoid = op_handle<Unary>("pyops::sigmoid_");
   static auto tanh = op_handle<Unary>("pyops::tanh_");
-  static auto leaky_relu = op_handle<Tensor&(Tensor&, double)>("pyops::leaky_relu_");
+  static auto leaky_relu = op_handle<void(const Tensor&, double)>("pyops::leaky_relu_");
   switch (act) {
     case Activation::Relu: return relu.call(self);
     case Activation::Sigmoid: return sigmoid.call(self);
@@ -325,7 +323,7 @@ struct ForwardFunction : torch::autograd::Function<ForwardFunction> {
 };
 
 struct InplaceFunction : torch::autograd::Function<InplaceFunction> {
-  static Tensor forward(AutogradContext* ctx, Tensor self, int64_t act_id, double slope) {
+  static Tensor forward(AutogradContext* ctx, const Tensor& self, int64_t act_id, double slope) {
     const auto act = static_cast<Activation>(act_id);
     if (act == Activation::LeakyRelu) {
       check_leaky_backward(slope, /*self_is_result=*/true, "pyops.leaky_relu_");
@@ -485,41 +483,42 @@ Tensor unary(const Tensor& self) {
   return forward_impl(A, 0.0, self, Named<A>::op);
 }
 template <Activation A>
-Tensor& unary_(Tensor& self) {
-  return forward_inplace_impl(A, 0.0, self, Named<A>::op);
+void unary_(const Tensor& self) {
+  forward_inplace_impl(A, 0.0, self, Named<A>::op);
 }
 template <Activation A>
-Tensor& unary_out(const Tensor& self, Tensor& out) {
-  return forward_out_impl(A, 0.0, self, out, Named<A>::op);
+void unary_out(const Tensor& self, const Tensor& out) {
+  forward_out_impl(A, 0.0, self, out, Named<A>::op);
 }
 template <Activation A>
 Tensor unary_backward(const Tensor& grad_output, const Tensor& result) {
   return backward_impl(A, 0.0, grad_output, result, "result", Named<A>::op);
 }
 template <Activation A>
-Tensor& unary_backward_out(const Tensor& grad_output, const Tensor& result, Tensor& grad_input) {
-  return backward_out_impl(A, 0.0, grad_output, result, "result", grad_input, Named<A>::op);
+void unary_backward_out(const Tensor& grad_output, const Tensor& result,
+                        const Tensor& grad_input) {
+  backward_out_impl(A, 0.0, grad_output, result, "result", grad_input, Named<A>::op);
 }
 
 constexpr const char* kLeaky = "pyops.leaky_relu";
 Tensor leaky_relu(const Tensor& self, double slope) {
   return forward_impl(Activation::LeakyRelu, slope, self, kLeaky);
 }
-Tensor& leaky_relu_(Tensor& self, double slope) {
-  return forward_inplace_impl(Activation::LeakyRelu, slope, self, kLeaky);
+void leaky_relu_(const Tensor& self, double slope) {
+  forward_inplace_impl(Activation::LeakyRelu, slope, self, kLeaky);
 }
-Tensor& leaky_relu_out(const Tensor& self, double slope, Tensor& out) {
-  return forward_out_impl(Activation::LeakyRelu, slope, self, out, kLeaky);
+void leaky_relu_out(const Tensor& self, double slope, const Tensor& out) {
+  forward_out_impl(Activation::LeakyRelu, slope, self, out, kLeaky);
 }
 Tensor leaky_relu_backward(const Tensor& grad_output, const Tensor& self, double slope,
                            bool self_is_result) {
   check_leaky_backward(slope, self_is_result, kLeaky);
   return backward_impl(Activation::LeakyRelu, slope, grad_output, self, "self", kLeaky);
 }
-Tensor& leaky_relu_backward_out(const Tensor& grad_output, const Tensor& self, double slope,
-                                bool self_is_result, Tensor& grad_input) {
+void leaky_relu_backward_out(const Tensor& grad_output, const Tensor& self, double slope,
+                             bool self_is_result, const Tensor& grad_input) {
   check_leaky_backward(slope, self_is_result, kLeaky);
-  return backward_out_impl(Activation::LeakyRelu, slope, grad_output, self, "self", grad_input,
+  backward_out_impl(Activation::LeakyRelu, slope, grad_output, self, "self", grad_input,
                            kLeaky);
 }
 
@@ -534,14 +533,16 @@ Tensor unary_autograd(const Tensor& self) {
   }
   return ForwardFunction::apply(self, static_cast<int64_t>(A), 0.0);
 }
+// In-place operators return nothing (torch.compile functionalizes only those); autograd
+// still rebases the history of `self` onto the new node through mark_dirty.
 template <Activation A>
-Tensor& unary_autograd_(Tensor& self) {
+void unary_autograd_(const Tensor& self) {
   if (!any_requires_grad({&self})) {
     at::AutoDispatchBelowAutograd guard;
-    return call_forward_(A, self, 0.0);
+    call_forward_(A, self, 0.0);
+    return;
   }
   InplaceFunction::apply(self, static_cast<int64_t>(A), 0.0);
-  return self;
 }
 template <Activation A>
 Tensor unary_backward_autograd(const Tensor& grad_output, const Tensor& result) {
@@ -559,13 +560,13 @@ Tensor leaky_relu_autograd(const Tensor& self, double slope) {
   }
   return ForwardFunction::apply(self, static_cast<int64_t>(Activation::LeakyRelu), slope);
 }
-Tensor& leaky_relu_autograd_(Tensor& self, double slope) {
+void leaky_relu_autograd_(const Tensor& self, double slope) {
   if (!any_requires_grad({&self})) {
     at::AutoDispatchBelowAutograd guard;
-    return call_forward_(Activation::LeakyRelu, self, slope);
+    call_forward_(Activation::LeakyRelu, self, slope);
+    return;
   }
   InplaceFunction::apply(self, static_cast<int64_t>(Activation::LeakyRelu), slope);
-  return self;
 }
 Tensor leaky_relu_backward_autograd(const Tensor& grad_output, const Tensor& self, double slope,
                                     bool self_is_result) {
@@ -609,19 +610,19 @@ TORCH_LIBRARY_FRAGMENT(pyops, m) {
   for (const char* name : {"relu", "sigmoid", "tanh"}) {
     const std::string n(name);
     m.def((n + "(Tensor self) -> Tensor").c_str());
-    m.def((n + "_(Tensor(a!) self) -> Tensor(a!)").c_str());
-    m.def((n + ".out(Tensor self, *, Tensor(a!) out) -> Tensor(a!)").c_str());
+    m.def((n + "_(Tensor(a!) self) -> ()").c_str());
+    m.def((n + ".out(Tensor self, *, Tensor(a!) out) -> ()").c_str());
     m.def(("_" + n + "_backward(Tensor grad_output, Tensor result) -> Tensor").c_str());
     m.def(("_" + n + "_backward.grad_input(Tensor grad_output, Tensor result, *, "
-           "Tensor(a!) grad_input) -> Tensor(a!)").c_str());
+           "Tensor(a!) grad_input) -> ()").c_str());
   }
   m.def("leaky_relu(Tensor self, float negative_slope=0.01) -> Tensor");
-  m.def("leaky_relu_(Tensor(a!) self, float negative_slope=0.01) -> Tensor(a!)");
-  m.def("leaky_relu.out(Tensor self, float negative_slope=0.01, *, Tensor(a!) out) -> Tensor(a!)");
+  m.def("leaky_relu_(Tensor(a!) self, float negative_slope=0.01) -> ()");
+  m.def("leaky_relu.out(Tensor self, float negative_slope=0.01, *, Tensor(a!) out) -> ()");
   m.def("_leaky_relu_backward(Tensor grad_output, Tensor self, float negative_slope, "
         "bool self_is_result) -> Tensor");
   m.def("_leaky_relu_backward.grad_input(Tensor grad_output, Tensor self, float negative_slope, "
-        "bool self_is_result, *, Tensor(a!) grad_input) -> Tensor(a!)");
+        "bool self_is_result, *, Tensor(a!) grad_input) -> ()");
   m.def("bias_act(Tensor self, Tensor bias, str activation=\"none\", "
         "float negative_slope=0.01) -> Tensor");
   m.def("_bias_act_backward(Tensor grad_output, Tensor saved, Tensor bias, str activation, "
