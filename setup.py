@@ -21,6 +21,7 @@ import json
 import os
 import shutil
 import sys
+import tempfile
 
 from setuptools import find_packages, setup
 
@@ -108,7 +109,17 @@ def _rel(paths):
 
 
 class BuildPyopsExtension(BuildExtension):
-    """Adds per-CPU-capability compilation of the *_cpu.cpp kernel files."""
+    """Adds per-CPU-capability compilation of the *_cpu.cpp kernel files, and keeps
+    object files between builds so that ninja rebuilds only what changed."""
+
+    def run(self):
+        # pip's editable and wheel builds compile in a fresh temporary folder each time;
+        # a persistent one per Python and variant keeps rebuilds incremental.
+        if os.path.abspath(self.build_temp).startswith(tempfile.gettempdir()):
+            variant = "cuda" if _want_cuda() else "cpu"
+            tag = f"{sys.implementation.cache_tag}-{variant}"
+            self.build_temp = os.path.join(ROOT, "build", f"temp-{tag}")
+        super().run()
 
     def build_extension(self, ext):
         ext.include_dirs.append(_write_build_config(
