@@ -1,5 +1,4 @@
-"""Fake (meta) kernels: shapes, dtypes and strides of every pyops operator's outputs,
-so that torch.compile, FakeTensor and torch.library.opcheck can trace them."""
+"""Fake kernels of the activation family."""
 
 import torch
 from torch.library import register_fake

@@ -1,11 +1,8 @@
-"""Drop-in twins of torch.nn.functional (and torch.sigmoid / torch.tanh) running pyops
-kernels: same signatures, defaults, shapes, dtypes and results. Extras that torch does
-not have (fused ops) are marked as such."""
+"""The activation family: relu, leaky_relu, sigmoid, tanh (twins of
+torch.nn.functional's and of torch.sigmoid / torch.tanh) and the fused bias_act."""
 
 import torch
 from torch.overrides import handle_torch_function, has_torch_function, has_torch_function_unary
-
-from pyops import _C  # noqa: F401  (the operators must be registered)
 
 _ops = torch.ops.pyops
 
