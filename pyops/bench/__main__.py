@@ -1,0 +1,5 @@
+import sys
+
+from pyops.bench.cli import main
+
+sys.exit(main())

@@ -1,0 +1,96 @@
+"""The benchmark harness (python -m pyops.bench), end to end on tiny cases. Speed is
+never asserted here (design section 5): only that the suite runs, checks and reports."""
+
+import json
+import sys
+
+import pytest
+import torch
+
+from pyops.bench import Case, Scale, Traffic, cli, report, run_case
+from pyops.bench.cases import collect
+from pyops.bench.timing import Policy
+
+_ROW_FIELDS = {
+    "family", "op", "variant", "shape", "dtype", "device", "traffic", "bytes_moved",
+    "checked", "error", "native_s", "pyops_s", "speedup", "native_gbs", "pyops_gbs",
+    "copy_gbs", "native_pct_of_copy", "pyops_pct_of_copy", "native_rounds_s",
+    "pyops_rounds_s",
+}
+
+
+def test_smoke_run_writes_checked_rows(tmp_path, capsys):
+    status = cli.main(["--smoke", "--device", "cpu", "--op", "relu,bias_act",
+                       "--out", str(tmp_path)])
+    assert status == 0
+    out = capsys.readouterr().out
+    assert "copy bandwidth" in out and "speed-up" in out
+
+    result = json.loads((tmp_path / "results.json").read_text())
+    assert result["machine"]["torch_threads"] == torch.get_num_threads()
+    assert "cpu_capability" in result["machine"]["pyops"]
+    rows = result["rows"]
+    assert all(set(row) == _ROW_FIELDS for row in rows)
+
+    references = [r for r in rows if r["family"] == "reference"]
+    assert [r["op"] for r in references] == ["copy_", "relu_"]
+    assert references[0]["native_gbs"] == pytest.approx(references[0]["copy_gbs"])
+
+    cases = [r for r in rows if r["family"] != "reference"]
+    assert {r["op"] for r in cases} == {"relu", "bias_act"}  # "relu" is exact: no leaky_relu
+    assert {r["variant"] for r in cases if r["op"] == "relu"} == {
+        "fwd", "fwd kernel in-place", "bwd autograd", "bwd kernel grad_input=", "fwd per-call",
+    }
+    for row in cases:
+        assert row["error"] is None and row["checked"], row
+        assert row["native_s"] > 0 and row["pyops_s"] > 0
+        assert row["speedup"] == pytest.approx(row["native_s"] / row["pyops_s"])
+        assert row["bytes_moved"] > 0 and row["pyops_pct_of_copy"] > 0
+    relu_fwd = next(r for r in cases if r["op"] == "relu" and r["variant"] == "fwd")
+    n = relu_fwd["shape"][0]
+    assert relu_fwd["traffic"] == {"read": {"x": n}, "write": {"y": n}}
+    assert relu_fwd["bytes_moved"] == 2 * n * 4
+
+
+def _case(pyops_result):
+    x = torch.arange(8.0)
+    return Case("double", "fwd", (8,), torch.float32, "cpu",
+                Traffic(read={"x": 8}, write={"y": 8}),
+                lambda shape, dtype, device: (lambda: x * 2, lambda: pyops_result(x)),
+                family="test")
+
+
+def test_a_mismatch_is_reported_and_not_timed():
+    row = run_case(_case(lambda x: x * 2 + 1), Policy.for_scale(Scale.SMOKE))
+    assert not row.checked
+    assert row.error.startswith("AssertionError")
+    assert row.native_s is None and row.pyops_s is None
+
+
+def test_a_match_is_timed():
+    row = run_case(_case(lambda x: x + x), Policy.for_scale(Scale.SMOKE))
+    assert row.checked and row.error is None
+    assert row.speedup is not None
+
+
+def test_op_filter_exact_names_then_substrings():
+    cases = collect(["activation"], Scale.SMOKE, ["cpu"], [torch.float32])
+    ops = lambda tokens: {c.op for c in cli.select(cases, tokens)}  # noqa: E731
+    assert ops(["relu"]) == {"relu"}
+    assert ops(["leaky"]) == {"leaky_relu"}
+    assert ops(["elu"]) == {"relu", "leaky_relu"}
+    assert ops(["activation/tanh", "bias_act"]) == {"tanh", "bias_act"}
+    assert ops(["activation"]) == ops([]) == {"relu", "leaky_relu", "sigmoid", "tanh", "bias_act"}
+
+
+def test_list_prints_every_case_of_the_full_matrix(capsys):
+    assert cli.main(["--list", "--device", "cpu", "--full"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    dtypes = {line.split("  [")[0].split()[-2] for line in lines}
+    assert dtypes == {"float32", "float64", "float16", "bfloat16"}
+    assert all("[read " in line for line in lines)
+
+
+def test_the_chart_is_skipped_with_a_reason_without_matplotlib(monkeypatch, tmp_path):
+    monkeypatch.setitem(sys.modules, "matplotlib.figure", None)  # import raises ImportError
+    assert "matplotlib is not installed" in report.write_chart(tmp_path / "chart.png", [])
