@@ -42,3 +42,8 @@ def _bias_act_fake(self, bias, activation="none", negative_slope=0.01):
 @register_fake("pyops::_bias_act_backward")
 def _bias_act_backward_fake(grad_output, saved, bias, activation, negative_slope, saved_is_result):
     return _channel_layout_like(saved), bias.new_empty(bias.shape)
+
+
+# Optimizer steps mutate their arguments in place and return nothing.
+for _name in ("sgd_", "adagrad_", "adadelta_", "rmsprop_", "adam_"):
+    register_fake(f"pyops::{_name}")(lambda *args, **kwargs: None)
