@@ -394,6 +394,15 @@ TORCH_LIBRARY_IMPL(pyops, CUDA, m) {
   PYOPS_OPTIM_DEVICE_IMPLS(m);
 }
 
+// Sparse gradients reach the same implementation, whose check rejects them by name.
+TORCH_LIBRARY_IMPL(pyops, SparseCPU, m) {
+  PYOPS_OPTIM_DEVICE_IMPLS(m);
+}
+
+TORCH_LIBRARY_IMPL(pyops, SparseCUDA, m) {
+  PYOPS_OPTIM_DEVICE_IMPLS(m);
+}
+
 TORCH_LIBRARY_IMPL(pyops, Autograd, m) {
   for (const char* name : {"sgd_", "adagrad_", "adadelta_", "rmsprop_", "adam_"}) {
     m.impl(name, not_differentiable_kernel());
