@@ -68,9 +68,9 @@ def _few_configs():
 
 
 # Sizes below, at and just above multiples of the SIMD widths (8 doubles / 16 floats /
-# 32 halves per AVX512 register), a 0-dim param, a transposed (dense, non-contiguous)
-# param, a non-dense param (every other column) and one big enough to be split across
-# threads.
+# 32 halves per AVX512 register), a 0-dim and an empty param, a transposed (dense,
+# non-contiguous) param, a non-dense param (every other column) and one big enough to
+# be split across threads.
 def _is_dense(t):
     """Its elements fill a block of memory with no gaps (any order of dims)."""
     expected = 1
@@ -92,7 +92,7 @@ def _like_layout(t, dtype, device):
 
 def _make_params(dtype, device, big=True):
     gen = torch.Generator().manual_seed(0)
-    shapes = [(), (1,), (7,), (8,), (9,), (15,), (16,), (17,), (31,), (32,), (33,), (65,), (4, 5)]
+    shapes = [(), (0, 3), (1,), (7,), (8,), (9,), (15,), (16,), (17,), (31,), (32,), (33,), (65,), (4, 5)]
     tensors = [torch.randn(s, generator=gen) for s in shapes]
     tensors.append(torch.randn(5, 3, generator=gen).t())        # dense, transposed strides
     tensors.append(torch.randn(6, 10, generator=gen)[:, ::2])   # not dense: written back
