@@ -6,7 +6,7 @@ from pyops._loader import load_extension
 _C = load_extension()  # registers torch.ops.pyops.* before the Python side builds on them
 
 from pyops import _fake  # noqa: E402,F401  (fake/meta kernels for torch.compile)
-from pyops import functional, nn  # noqa: E402
+from pyops import functional, nn, optim  # noqa: E402
 
 __version__ = _C.version
 
@@ -32,4 +32,4 @@ def build_info():
     }
 
 
-__all__ = ["build_info", "functional", "nn", "__version__"]
+__all__ = ["build_info", "functional", "nn", "optim", "__version__"]
