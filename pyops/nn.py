@@ -6,7 +6,7 @@ import torch
 
 from pyops import functional as F
 
-__all__ = ["ReLU", "LeakyReLU", "Sigmoid", "Tanh"]
+__all__ = ["ReLU", "LeakyReLU", "Sigmoid", "Tanh", "Dropout"]
 
 
 class ReLU(torch.nn.ReLU):
@@ -27,3 +27,8 @@ class Sigmoid(torch.nn.Sigmoid):
 class Tanh(torch.nn.Tanh):
     def forward(self, input):
         return F.tanh(input)
+
+
+class Dropout(torch.nn.Dropout):
+    def forward(self, input):
+        return F.dropout(input, self.p, self.training, self.inplace)

@@ -11,5 +11,6 @@ from pyops.functional.activation import (  # noqa: F401
     sigmoid,
     tanh,
 )
+from pyops.functional.dropout import dropout  # noqa: F401
 
-__all__ = ["relu", "relu_", "leaky_relu", "leaky_relu_", "sigmoid", "tanh", "bias_act"]
+__all__ = ["relu", "relu_", "leaky_relu", "leaky_relu_", "sigmoid", "tanh", "bias_act", "dropout"]
