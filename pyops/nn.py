@@ -6,7 +6,7 @@ import torch
 
 from pyops import functional as F
 
-__all__ = ["ReLU", "LeakyReLU", "Sigmoid", "Tanh", "Dropout"]
+__all__ = ["ReLU", "LeakyReLU", "Sigmoid", "Tanh", "Dropout", "LogSoftmax"]
 
 
 class ReLU(torch.nn.ReLU):
@@ -32,3 +32,8 @@ class Tanh(torch.nn.Tanh):
 class Dropout(torch.nn.Dropout):
     def forward(self, input):
         return F.dropout(input, self.p, self.training, self.inplace)
+
+
+class LogSoftmax(torch.nn.LogSoftmax):
+    def forward(self, input):
+        return F.log_softmax(input, self.dim, _stacklevel=5)

@@ -47,6 +47,29 @@ inline void store_from_float(T* ptr, const Vectorized<float>& lo, const Vectoriz
   at::vec::convert_from_float<T>(lo, hi).store(ptr);
 }
 
+// Vectorized<opmath_t<T>>::size() elements from ptr, converted to opmath_t<T>.
+template <typename T>
+inline Vectorized<at::opmath_type<T>> load_as_opmath(const T* ptr) {
+  if constexpr (std::is_same_v<T, c10::Half> || std::is_same_v<T, c10::BFloat16>) {
+    Vectorized<float> out;
+    at::vec::load_to_float<T>(ptr, out);
+    return out;
+  } else {
+    return Vectorized<T>::loadu(ptr);
+  }
+}
+
+// Folds the lanes with `op`, lane by lane in order (deterministic).
+template <typename V, typename Op>
+inline auto lane_reduce(const V& v, const Op& op) {
+  using S = typename V::value_type;
+  alignas(64) S lanes[V::size()];
+  v.store(lanes);
+  S total = lanes[0];
+  for (int i = 1; i < V::size(); ++i) total = op(total, lanes[i]);
+  return total;
+}
+
 // Sum of the lanes, lane by lane in order (deterministic).
 template <typename V>
 inline auto lane_sum(const V& v) {

@@ -73,21 +73,39 @@ inline int64_t blocks_for(int64_t items, int threads_per_block = kThreadsPerBloc
                              resident_blocks(threads_per_block));
 }
 
-// Sums `value` over the threads of a block that share a column, in a fixed tree order,
+// Combines `value` over the threads of a block that share a column, in a fixed tree order,
 // so the result does not depend on scheduling. The block is viewed as rows x columns
 // threads (`rows` a power of two); every thread of the block must call this (it
-// synchronizes), and row 0 gets its column's sum. `scratch` is shared memory for
-// rows * columns values.
-template <typename Acc>
-__device__ Acc sum_over_rows(Acc value, Acc* scratch, int row, int rows, int column,
-                             int columns) {
+// synchronizes), and every thread gets its column's result. `scratch` is shared memory
+// for rows * columns values.
+template <typename Acc, typename Combine>
+__device__ Acc reduce_over_rows(Acc value, Acc* scratch, int row, int rows, int column,
+                                int columns, Combine combine) {
   scratch[row * columns + column] = value;
   __syncthreads();
   for (int half = rows / 2; half > 0; half /= 2) {
-    if (row < half) scratch[row * columns + column] += scratch[(row + half) * columns + column];
+    if (row < half) {
+      scratch[row * columns + column] =
+          combine(scratch[row * columns + column], scratch[(row + half) * columns + column]);
+    }
     __syncthreads();
   }
-  return scratch[column];
+  const Acc result = scratch[column];
+  __syncthreads();  // the scratch may be reused right after
+  return result;
+}
+
+struct Plus {
+  template <typename Acc>
+  __device__ Acc operator()(Acc a, Acc b) const {
+    return a + b;
+  }
+};
+
+template <typename Acc>
+__device__ Acc sum_over_rows(Acc value, Acc* scratch, int row, int rows, int column,
+                             int columns) {
+  return reduce_over_rows(value, scratch, row, rows, column, columns, Plus{});
 }
 
 namespace detail {

@@ -12,5 +12,7 @@ from pyops.functional.activation import (  # noqa: F401
     tanh,
 )
 from pyops.functional.dropout import dropout  # noqa: F401
+from pyops.functional.softmax import log_softmax, log_softmax_nll_loss  # noqa: F401
 
-__all__ = ["relu", "relu_", "leaky_relu", "leaky_relu_", "sigmoid", "tanh", "bias_act", "dropout"]
+__all__ = ["relu", "relu_", "leaky_relu", "leaky_relu_", "sigmoid", "tanh", "bias_act", "dropout",
+           "log_softmax", "log_softmax_nll_loss"]

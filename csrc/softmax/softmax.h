@@ -1,0 +1,66 @@
+#pragma once
+// The log-softmax family's math, written once for both backends. A row is the slice
+// along `dim`; with m = max(row) and lse = m + log(sum(exp(row - m))):
+//   log_softmax(x) = x - lse
+//   backward:  grad_input = grad - exp(output) * sum(grad)
+//   fused log_softmax + nll_loss, per row n with target t and weight w (the upstream
+//   gradient, divided by the count of rows that are not ignored for 'mean'):
+//   loss_n = lse_n - x[n, t]      grad_input[n, c] = w * (exp(x[n, c] - lse_n) - [c == t])
+
+#include <ATen/core/Tensor.h>
+#include <c10/macros/Macros.h>
+
+#include "common/dispatch.h"
+#include "common/math.h"
+
+namespace pyops::softmax {
+inline namespace PYOPS_ISA_NAMESPACE {
+
+struct LogSoftmaxMath {
+  template <typename V>
+  C10_HOST_DEVICE static V shifted_exp(V x, V max) {
+    return math::exp(x - max);
+  }
+  // `shift` = max + log(sum of shifted_exp), the row's log-sum-exp.
+  template <typename V>
+  C10_HOST_DEVICE static V output(V x, V shift) {
+    return x - shift;
+  }
+  template <typename V>
+  C10_HOST_DEVICE static V grad_input(V grad, V output, V grad_sum) {
+    return grad - math::exp(output) * grad_sum;
+  }
+  // d(lse - x_t)/dx_c, scaled by the row's weight.
+  template <typename V>
+  C10_HOST_DEVICE static V nll_grad(V x, V lse, V is_target, V weight) {
+    return weight * (math::exp(x - lse) - is_target);
+  }
+};
+
+}  // namespace PYOPS_ISA_NAMESPACE
+
+// Tensors of these kernels are contiguous, viewed as [outer, size, inner] with the
+// softmax taken over `size`.
+struct RowLayout {
+  int64_t outer, size, inner;
+};
+
+using LogSoftmaxFn = void (*)(const at::Tensor& input, const at::Tensor& output, RowLayout);
+using LogSoftmaxBackwardFn = void (*)(const at::Tensor& grad_output, const at::Tensor& output,
+                                      const at::Tensor& grad_input, RowLayout);
+// input [N, C] contiguous, target [N] int64. Writes per-row losses (0 for ignored rows)
+// and per-row log-sum-exp, both in the compute type (float for half/bfloat16).
+using NllForwardFn = void (*)(const at::Tensor& input, const at::Tensor& target,
+                              int64_t ignore_index, const at::Tensor& row_loss,
+                              const at::Tensor& lse);
+// row_weight [N] (compute type): the upstream gradient of each row's loss, 0 where ignored.
+using NllBackwardFn = void (*)(const at::Tensor& input, const at::Tensor& target,
+                               const at::Tensor& lse, const at::Tensor& row_weight,
+                               const at::Tensor& grad_input);
+
+extern DispatchTable<LogSoftmaxFn> log_softmax_kernel;
+extern DispatchTable<LogSoftmaxBackwardFn> log_softmax_backward_kernel;
+extern DispatchTable<NllForwardFn> nll_forward_kernel;
+extern DispatchTable<NllBackwardFn> nll_backward_kernel;
+
+}  // namespace pyops::softmax

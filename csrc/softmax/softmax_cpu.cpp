@@ -1,0 +1,248 @@
+// CPU kernels of the log-softmax family, compiled once per CPU capability (setup.py).
+// Rows along the last dim (inner == 1) are reduced with SIMD along the row; other dims
+// with SIMD across `inner`, where consecutive elements belong to different rows.
+
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <ATen/Parallel.h>
+#include <ATen/cpu/vec/functional.h>
+#include <ATen/cpu/vec/vec.h>
+
+#include <algorithm>
+#include <cmath>
+#include <limits>
+#include <vector>
+
+#include "common/cpu_loops.h"
+#include "softmax/softmax.h"
+
+namespace pyops::softmax {
+inline namespace CPU_CAPABILITY {
+namespace {
+
+using at::Tensor;
+using at::vec::Vectorized;
+using cpu::map_range;
+using Math = LogSoftmaxMath;
+
+template <typename T>
+using Acc = at::opmath_type<T>;
+
+// Rows per parallel task so that a task touches about kGrainSize elements.
+int64_t rows_per_task(int64_t row_elements) {
+  return std::max<int64_t>(1, cpu::kGrainSize / std::max<int64_t>(1, row_elements));
+}
+
+// The log-sum-exp of a contiguous row, in Acc: its max, then the sum of exp(x - max).
+template <typename T>
+Acc<T> row_lse(const T* row, int64_t size) {
+  using A = Acc<T>;
+  using V = Vectorized<A>;
+  constexpr int64_t kStep = V::size();
+  int64_t i = 0;
+  A max = -std::numeric_limits<A>::infinity();  // a NaN anywhere wins, as in torch
+  if (size >= kStep) {
+    V vmax(max);
+    for (; i + kStep <= size; i += kStep) {
+      vmax = math::maximum(vmax, cpu::detail::load_as_opmath(row + i));
+    }
+    max = cpu::detail::lane_reduce(vmax, [](A a, A b) { return math::maximum(a, b); });
+  }
+  for (; i < size; ++i) max = math::maximum(max, static_cast<A>(row[i]));
+  V vsum(A(0));
+  const V vmax(max);
+  for (i = 0; i + kStep <= size; i += kStep) {
+    vsum = vsum + Math::shifted_exp(cpu::detail::load_as_opmath(row + i), vmax);
+  }
+  A sum = cpu::detail::lane_sum(vsum);
+  for (; i < size; ++i) sum += Math::shifted_exp(static_cast<A>(row[i]), max);
+  return max + std::log(sum);
+}
+
+// Sum of a contiguous row, in Acc.
+template <typename T>
+Acc<T> row_sum(const T* row, int64_t size) {
+  using A = Acc<T>;
+  constexpr int64_t kStep = Vectorized<A>::size();
+  Vectorized<A> vsum(A(0));
+  int64_t i = 0;
+  for (; i + kStep <= size; i += kStep) vsum = vsum + cpu::detail::load_as_opmath(row + i);
+  A sum = cpu::detail::lane_sum(vsum);
+  for (; i < size; ++i) sum += static_cast<A>(row[i]);
+  return sum;
+}
+
+template <typename T>
+void log_softmax_typed(const Tensor& input, const Tensor& output, RowLayout layout) {
+  using A = Acc<T>;
+  const T* in = input.const_data_ptr<T>();
+  T* out = output.data_ptr<T>();
+  const auto [outer, size, inner] = layout;
+  if (inner == 1) {
+    at::parallel_for(0, outer, rows_per_task(size), [&](int64_t begin, int64_t end) {
+      for (int64_t r = begin; r < end; ++r) {
+        const A shift = row_lse(in + r * size, size);
+        map_range([shift](auto x) { return Math::output(x, decltype(x)(shift)); }, size,
+                  out + r * size, in + r * size);
+      }
+    });
+    return;
+  }
+  // Element (k, j) of an outer slab sits at k * inner + j: the loops over j are
+  // contiguous, and GCC vectorizes them.
+  at::parallel_for(0, outer, rows_per_task(size * inner), [&](int64_t begin, int64_t end) {
+    std::vector<A> max(inner), shift(inner);
+    for (int64_t o = begin; o < end; ++o) {
+      const T* slab = in + o * size * inner;
+      T* out_slab = out + o * size * inner;
+      std::fill(max.begin(), max.end(), -std::numeric_limits<A>::infinity());
+      std::fill(shift.begin(), shift.end(), A(0));
+      for (int64_t k = 0; k < size; ++k) {
+        for (int64_t j = 0; j < inner; ++j) {
+          max[j] = math::maximum(max[j], static_cast<A>(slab[k * inner + j]));
+        }
+      }
+      for (int64_t k = 0; k < size; ++k) {
+        for (int64_t j = 0; j < inner; ++j) {
+          shift[j] += Math::shifted_exp(static_cast<A>(slab[k * inner + j]), max[j]);
+        }
+      }
+      for (int64_t j = 0; j < inner; ++j) shift[j] = max[j] + std::log(shift[j]);
+      for (int64_t k = 0; k < size; ++k) {
+        for (int64_t j = 0; j < inner; ++j) {
+          out_slab[k * inner + j] =
+              static_cast<T>(Math::output(static_cast<A>(slab[k * inner + j]), shift[j]));
+        }
+      }
+    }
+  });
+}
+
+template <typename T>
+void log_softmax_backward_typed(const Tensor& grad_output, const Tensor& output,
+                                const Tensor& grad_input, RowLayout layout) {
+  using A = Acc<T>;
+  const T* g = grad_output.const_data_ptr<T>();
+  const T* y = output.const_data_ptr<T>();
+  T* gi = grad_input.data_ptr<T>();
+  const auto [outer, size, inner] = layout;
+  if (inner == 1) {
+    at::parallel_for(0, outer, rows_per_task(size), [&](int64_t begin, int64_t end) {
+      for (int64_t r = begin; r < end; ++r) {
+        const A grad_sum = row_sum(g + r * size, size);
+        map_range([grad_sum](auto grad, auto out) {
+                    return Math::grad_input(grad, out, decltype(grad)(grad_sum));
+                  },
+                  size, gi + r * size, g + r * size, y + r * size);
+      }
+    });
+    return;
+  }
+  at::parallel_for(0, outer, rows_per_task(size * inner), [&](int64_t begin, int64_t end) {
+    std::vector<A> grad_sum(inner);
+    for (int64_t o = begin; o < end; ++o) {
+      const int64_t base = o * size * inner;
+      std::fill(grad_sum.begin(), grad_sum.end(), A(0));
+      for (int64_t k = 0; k < size; ++k) {
+        for (int64_t j = 0; j < inner; ++j) grad_sum[j] += static_cast<A>(g[base + k * inner + j]);
+      }
+      for (int64_t k = 0; k < size; ++k) {
+        for (int64_t j = 0; j < inner; ++j) {
+          const int64_t e = base + k * inner + j;
+          gi[e] = static_cast<T>(
+              Math::grad_input(static_cast<A>(g[e]), static_cast<A>(y[e]), grad_sum[j]));
+        }
+      }
+    }
+  });
+}
+
+template <typename T>
+void nll_forward_typed(const Tensor& input, const Tensor& target, int64_t ignore_index,
+                       const Tensor& row_loss, const Tensor& lse) {
+  using A = Acc<T>;
+  const int64_t rows = input.size(0), classes = input.size(1);
+  const T* x = input.const_data_ptr<T>();
+  const int64_t* t = target.const_data_ptr<int64_t>();
+  A* loss = row_loss.data_ptr<A>();
+  A* shift = lse.data_ptr<A>();
+  at::parallel_for(0, rows, rows_per_task(classes), [&](int64_t begin, int64_t end) {
+    for (int64_t n = begin; n < end; ++n) {
+      const T* row = x + n * classes;
+      shift[n] = row_lse(row, classes);
+      if (t[n] == ignore_index) {
+        loss[n] = A(0);
+        continue;
+      }
+      TORCH_CHECK_INDEX(t[n] >= 0 && t[n] < classes, "pyops.log_softmax_nll_loss: target ",
+                        t[n], " is out of bounds for ", classes, " classes (row ", n, ")");
+      loss[n] = shift[n] - static_cast<A>(row[t[n]]);
+    }
+  });
+}
+
+template <typename T>
+void nll_backward_typed(const Tensor& input, const Tensor& target, const Tensor& lse,
+                        const Tensor& row_weight, const Tensor& grad_input) {
+  using A = Acc<T>;
+  const int64_t rows = input.size(0), classes = input.size(1);
+  const T* x = input.const_data_ptr<T>();
+  const int64_t* t = target.const_data_ptr<int64_t>();
+  const A* shift = lse.const_data_ptr<A>();
+  const A* weight = row_weight.const_data_ptr<A>();
+  T* gi = grad_input.data_ptr<T>();
+  at::parallel_for(0, rows, rows_per_task(classes), [&](int64_t begin, int64_t end) {
+    for (int64_t n = begin; n < end; ++n) {
+      const A w = weight[n], s = shift[n];
+      const T* row = x + n * classes;
+      T* grad_row = gi + n * classes;
+      map_range([w, s](auto v) {
+                  using V = decltype(v);
+                  return Math::nll_grad(v, V(s), V(0), V(w));
+                },
+                classes, grad_row, row);
+      if (w != A(0)) {  // the target's own term (ignored rows have weight 0)
+        grad_row[t[n]] = static_cast<T>(Math::nll_grad(static_cast<A>(row[t[n]]), s, A(1), w));
+      }
+    }
+  });
+}
+
+#define PYOPS_DISPATCH_FLOATING(dtype, name, ...) \
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, name, __VA_ARGS__)
+
+void log_softmax(const Tensor& input, const Tensor& output, RowLayout layout) {
+  PYOPS_DISPATCH_FLOATING(input.scalar_type(), "pyops_log_softmax_cpu",
+                          [&] { log_softmax_typed<scalar_t>(input, output, layout); });
+}
+
+void log_softmax_backward(const Tensor& grad_output, const Tensor& output,
+                          const Tensor& grad_input, RowLayout layout) {
+  PYOPS_DISPATCH_FLOATING(output.scalar_type(), "pyops_log_softmax_backward_cpu", [&] {
+    log_softmax_backward_typed<scalar_t>(grad_output, output, grad_input, layout);
+  });
+}
+
+void nll_forward(const Tensor& input, const Tensor& target, int64_t ignore_index,
+                 const Tensor& row_loss, const Tensor& lse) {
+  PYOPS_DISPATCH_FLOATING(input.scalar_type(), "pyops_log_softmax_nll_cpu", [&] {
+    nll_forward_typed<scalar_t>(input, target, ignore_index, row_loss, lse);
+  });
+}
+
+void nll_backward(const Tensor& input, const Tensor& target, const Tensor& lse,
+                  const Tensor& row_weight, const Tensor& grad_input) {
+  PYOPS_DISPATCH_FLOATING(input.scalar_type(), "pyops_log_softmax_nll_backward_cpu", [&] {
+    nll_backward_typed<scalar_t>(input, target, lse, row_weight, grad_input);
+  });
+}
+
+}  // namespace
+
+PYOPS_REGISTER_CPU_KERNEL(log_softmax_kernel, &log_softmax);
+PYOPS_REGISTER_CPU_KERNEL(log_softmax_backward_kernel, &log_softmax_backward);
+PYOPS_REGISTER_CPU_KERNEL(nll_forward_kernel, &nll_forward);
+PYOPS_REGISTER_CPU_KERNEL(nll_backward_kernel, &nll_backward);
+
+}  // namespace CPU_CAPABILITY
+}  // namespace pyops::softmax

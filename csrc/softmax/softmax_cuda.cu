@@ -1,0 +1,237 @@
+// CUDA kernels of the log-softmax family; the math is softmax.h's. Rows along the last
+// dim get one block each (block-wide reductions in a fixed order); other dims get one
+// thread per (outer, inner) column, so neighbouring threads read neighbouring elements.
+
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <ATen/core/Tensor.h>
+#include <c10/cuda/CUDAGuard.h>
+
+#include <limits>
+
+#include "common/cuda_loops.cuh"
+#include "common/math.h"
+#include "softmax/softmax.h"
+
+namespace pyops::softmax {
+namespace {
+
+using at::Tensor;
+using cuda::kThreadsPerBlock;
+using Math = LogSoftmaxMath;
+
+struct Max {
+  template <typename A>
+  __device__ A operator()(A a, A b) const {
+    return math::maximum(a, b);
+  }
+};
+
+// The log-sum-exp of a contiguous row of `size`, by the whole block.
+template <typename T, typename A>
+__device__ A block_row_lse(const T* row, int64_t size, A* scratch) {
+  A max = -std::numeric_limits<A>::infinity();
+  for (int64_t i = threadIdx.x; i < size; i += blockDim.x) {
+    max = math::maximum(max, static_cast<A>(row[i]));
+  }
+  max = cuda::reduce_over_rows(max, scratch, threadIdx.x, blockDim.x, 0, 1, Max{});
+  A sum = 0;
+  for (int64_t i = threadIdx.x; i < size; i += blockDim.x) {
+    sum += Math::shifted_exp(static_cast<A>(row[i]), max);
+  }
+  sum = cuda::sum_over_rows(sum, scratch, threadIdx.x, blockDim.x, 0, 1);
+  return max + ::log(sum);
+}
+
+template <typename T>
+__global__ void log_softmax_rows_kernel(const T* input, T* output, int64_t rows, int64_t size) {
+  using A = at::opmath_type<T>;
+  __shared__ A scratch[kThreadsPerBlock];
+  for (int64_t r = blockIdx.x; r < rows; r += gridDim.x) {
+    const T* row = input + r * size;
+    const A shift = block_row_lse(row, size, scratch);
+    for (int64_t i = threadIdx.x; i < size; i += blockDim.x) {
+      output[r * size + i] = static_cast<T>(Math::output(static_cast<A>(row[i]), shift));
+    }
+  }
+}
+
+template <typename T>
+__global__ void log_softmax_columns_kernel(const T* input, T* output, RowLayout layout) {
+  using A = at::opmath_type<T>;
+  const int64_t columns = layout.outer * layout.inner;
+  const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
+  for (int64_t c = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; c < columns;
+       c += stride) {
+    const int64_t base = (c / layout.inner) * layout.size * layout.inner + c % layout.inner;
+    A max = -std::numeric_limits<A>::infinity();
+    for (int64_t k = 0; k < layout.size; ++k) {
+      max = math::maximum(max, static_cast<A>(input[base + k * layout.inner]));
+    }
+    A sum = 0;
+    for (int64_t k = 0; k < layout.size; ++k) {
+      sum += Math::shifted_exp(static_cast<A>(input[base + k * layout.inner]), max);
+    }
+    const A shift = max + ::log(sum);
+    for (int64_t k = 0; k < layout.size; ++k) {
+      const int64_t e = base + k * layout.inner;
+      output[e] = static_cast<T>(Math::output(static_cast<A>(input[e]), shift));
+    }
+  }
+}
+
+template <typename T>
+__global__ void log_softmax_backward_rows_kernel(const T* grad, const T* output, T* grad_input,
+                                                 int64_t rows, int64_t size) {
+  using A = at::opmath_type<T>;
+  __shared__ A scratch[kThreadsPerBlock];
+  for (int64_t r = blockIdx.x; r < rows; r += gridDim.x) {
+    A sum = 0;
+    for (int64_t i = threadIdx.x; i < size; i += blockDim.x) sum += static_cast<A>(grad[r * size + i]);
+    sum = cuda::sum_over_rows(sum, scratch, threadIdx.x, blockDim.x, 0, 1);
+    for (int64_t i = threadIdx.x; i < size; i += blockDim.x) {
+      const int64_t e = r * size + i;
+      grad_input[e] = static_cast<T>(
+          Math::grad_input(static_cast<A>(grad[e]), static_cast<A>(output[e]), sum));
+    }
+  }
+}
+
+template <typename T>
+__global__ void log_softmax_backward_columns_kernel(const T* grad, const T* output,
+                                                    T* grad_input, RowLayout layout) {
+  using A = at::opmath_type<T>;
+  const int64_t columns = layout.outer * layout.inner;
+  const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
+  for (int64_t c = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; c < columns;
+       c += stride) {
+    const int64_t base = (c / layout.inner) * layout.size * layout.inner + c % layout.inner;
+    A sum = 0;
+    for (int64_t k = 0; k < layout.size; ++k) sum += static_cast<A>(grad[base + k * layout.inner]);
+    for (int64_t k = 0; k < layout.size; ++k) {
+      const int64_t e = base + k * layout.inner;
+      grad_input[e] = static_cast<T>(
+          Math::grad_input(static_cast<A>(grad[e]), static_cast<A>(output[e]), sum));
+    }
+  }
+}
+
+template <typename T>
+__global__ void nll_forward_kernel_impl(const T* input, const int64_t* target, int64_t rows,
+                                        int64_t classes, int64_t ignore_index,
+                                        at::opmath_type<T>* row_loss, at::opmath_type<T>* lse) {
+  using A = at::opmath_type<T>;
+  __shared__ A scratch[kThreadsPerBlock];
+  for (int64_t n = blockIdx.x; n < rows; n += gridDim.x) {
+    const T* row = input + n * classes;
+    const A shift = block_row_lse(row, classes, scratch);
+    if (threadIdx.x == 0) {
+      const int64_t t = target[n];
+      lse[n] = shift;
+      if (t == ignore_index) {
+        row_loss[n] = A(0);
+      } else {
+        CUDA_KERNEL_ASSERT(t >= 0 && t < classes && "pyops.log_softmax_nll_loss: target out of bounds");
+        // Never read out of bounds, even where device asserts are compiled out.
+        row_loss[n] = (t >= 0 && t < classes) ? shift - static_cast<A>(row[t])
+                                              : std::numeric_limits<A>::quiet_NaN();
+      }
+    }
+  }
+}
+
+template <typename T>
+__global__ void nll_backward_kernel_impl(const T* input, const int64_t* target,
+                                         const at::opmath_type<T>* lse,
+                                         const at::opmath_type<T>* row_weight, int64_t rows,
+                                         int64_t classes, T* grad_input) {
+  using A = at::opmath_type<T>;
+  const int64_t n_elements = rows * classes;
+  const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
+  for (int64_t e = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; e < n_elements;
+       e += stride) {
+    const int64_t n = e / classes, c = e % classes;
+    const A is_target = target[n] == c ? A(1) : A(0);
+    grad_input[e] =
+        static_cast<T>(Math::nll_grad(static_cast<A>(input[e]), lse[n], is_target, row_weight[n]));
+  }
+}
+
+int64_t row_blocks(int64_t rows) { return std::min<int64_t>(rows, 65535); }
+
+#define PYOPS_DISPATCH_FLOATING(dtype, name, ...) \
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, name, __VA_ARGS__)
+
+void log_softmax(const Tensor& input, const Tensor& output, RowLayout layout) {
+  const c10::cuda::CUDAGuard device_guard(input.device());
+  const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+  PYOPS_DISPATCH_FLOATING(input.scalar_type(), "pyops_log_softmax_cuda", [&] {
+    const scalar_t* in = input.const_data_ptr<scalar_t>();
+    scalar_t* out = output.data_ptr<scalar_t>();
+    if (layout.inner == 1) {
+      log_softmax_rows_kernel<<<row_blocks(layout.outer), kThreadsPerBlock, 0, stream>>>(
+          in, out, layout.outer, layout.size);
+    } else {
+      log_softmax_columns_kernel<<<cuda::blocks_for(layout.outer * layout.inner),
+                                   kThreadsPerBlock, 0, stream>>>(in, out, layout);
+    }
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+}
+
+void log_softmax_backward(const Tensor& grad_output, const Tensor& output,
+                          const Tensor& grad_input, RowLayout layout) {
+  const c10::cuda::CUDAGuard device_guard(output.device());
+  const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+  PYOPS_DISPATCH_FLOATING(output.scalar_type(), "pyops_log_softmax_backward_cuda", [&] {
+    const scalar_t* g = grad_output.const_data_ptr<scalar_t>();
+    const scalar_t* y = output.const_data_ptr<scalar_t>();
+    scalar_t* gi = grad_input.data_ptr<scalar_t>();
+    if (layout.inner == 1) {
+      log_softmax_backward_rows_kernel<<<row_blocks(layout.outer), kThreadsPerBlock, 0, stream>>>(
+          g, y, gi, layout.outer, layout.size);
+    } else {
+      log_softmax_backward_columns_kernel<<<cuda::blocks_for(layout.outer * layout.inner),
+                                            kThreadsPerBlock, 0, stream>>>(g, y, gi, layout);
+    }
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+}
+
+void nll_forward(const Tensor& input, const Tensor& target, int64_t ignore_index,
+                 const Tensor& row_loss, const Tensor& lse) {
+  const c10::cuda::CUDAGuard device_guard(input.device());
+  const int64_t rows = input.size(0), classes = input.size(1);
+  PYOPS_DISPATCH_FLOATING(input.scalar_type(), "pyops_log_softmax_nll_cuda", [&] {
+    using A = at::opmath_type<scalar_t>;
+    nll_forward_kernel_impl<<<row_blocks(rows), kThreadsPerBlock, 0,
+                              at::cuda::getCurrentCUDAStream()>>>(
+        input.const_data_ptr<scalar_t>(), target.const_data_ptr<int64_t>(), rows, classes,
+        ignore_index, row_loss.data_ptr<A>(), lse.data_ptr<A>());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+}
+
+void nll_backward(const Tensor& input, const Tensor& target, const Tensor& lse,
+                  const Tensor& row_weight, const Tensor& grad_input) {
+  const c10::cuda::CUDAGuard device_guard(input.device());
+  const int64_t rows = input.size(0), classes = input.size(1);
+  PYOPS_DISPATCH_FLOATING(input.scalar_type(), "pyops_log_softmax_nll_backward_cuda", [&] {
+    using A = at::opmath_type<scalar_t>;
+    nll_backward_kernel_impl<<<cuda::blocks_for(rows * classes), kThreadsPerBlock, 0,
+                               at::cuda::getCurrentCUDAStream()>>>(
+        input.const_data_ptr<scalar_t>(), target.const_data_ptr<int64_t>(),
+        lse.const_data_ptr<A>(), row_weight.const_data_ptr<A>(), rows, classes,
+        grad_input.data_ptr<scalar_t>());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+}
+
+}  // namespace
+
+PYOPS_REGISTER_CUDA_KERNEL(log_softmax_kernel, &log_softmax);
+PYOPS_REGISTER_CUDA_KERNEL(log_softmax_backward_kernel, &log_softmax_backward);
+PYOPS_REGISTER_CUDA_KERNEL(nll_forward_kernel, &nll_forward);
+PYOPS_REGISTER_CUDA_KERNEL(nll_backward_kernel, &nll_backward);
+
+}  // namespace pyops::softmax

@@ -1,0 +1,303 @@
+// The log-softmax family's operators: log_softmax along any dim and the fused
+// log_softmax + nll_loss, with schemas, checks, allocation and autograd written once for
+// every device; the kernels are softmax_cpu.cpp and softmax_cuda.cu.
+
+#include <ATen/OpMathType.h>
+#include <ATen/TensorOperators.h>
+#include <ATen/WrapDimUtils.h>
+#include <ATen/core/dispatch/Dispatcher.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/empty_like.h>
+#include <ATen/ops/clamp_min.h>
+#include <ATen/ops/exp.h>
+#include <ATen/ops/full.h>
+#include <ATen/ops/ne.h>
+#include <ATen/ops/sum.h>
+#include <torch/autograd.h>
+#include <torch/library.h>
+
+#include "common/checks.h"
+#include "common/registration.h"
+#include "softmax/softmax.h"
+
+namespace pyops::softmax {
+
+DispatchTable<LogSoftmaxFn> log_softmax_kernel("log_softmax");
+DispatchTable<LogSoftmaxBackwardFn> log_softmax_backward_kernel("log_softmax backward");
+DispatchTable<NllForwardFn> nll_forward_kernel("log_softmax_nll_loss");
+DispatchTable<NllBackwardFn> nll_backward_kernel("log_softmax_nll_loss backward");
+
+namespace {
+
+using at::Tensor;
+using torch::autograd::AutogradContext;
+using torch::autograd::variable_list;
+
+RowLayout row_layout(const Tensor& t, int64_t dim) {
+  if (t.dim() == 0) return {1, 1, 1};
+  int64_t outer = 1, inner = 1;
+  for (int64_t d = 0; d < dim; ++d) outer *= t.size(d);
+  for (int64_t d = dim + 1; d < t.dim(); ++d) inner *= t.size(d);
+  return {outer, t.size(dim), inner};
+}
+
+Tensor log_softmax_impl(const Tensor& self, int64_t dim) {
+  constexpr const char* op = "pyops.log_softmax";
+  check_floating(self, "input", op);
+  dim = c10::maybe_wrap_dim(dim, self.dim());
+  Tensor input = self.contiguous();
+  Tensor output = at::empty_like(input, at::MemoryFormat::Contiguous);
+  if (input.numel() > 0) {
+    log_softmax_kernel(input.device().type())(input, output, row_layout(input, dim));
+  }
+  return output;
+}
+
+Tensor log_softmax_backward_impl(const Tensor& grad_output, const Tensor& output, int64_t dim) {
+  constexpr const char* op = "pyops._log_softmax_backward";
+  check_floating(grad_output, "grad_output", op);
+  check_floating(output, "output", op);
+  check_same_dtype(output, "output", grad_output, "grad_output", op);
+  check_same_device(output, "output", grad_output, "grad_output", op);
+  check_same_shape(output, "output", grad_output, "grad_output", op);
+  dim = c10::maybe_wrap_dim(dim, output.dim());
+  Tensor grad = grad_output.contiguous();
+  Tensor out = output.contiguous();
+  Tensor grad_input = at::empty_like(out, at::MemoryFormat::Contiguous);
+  if (out.numel() > 0) {
+    log_softmax_backward_kernel(out.device().type())(grad, out, grad_input, row_layout(out, dim));
+  }
+  return grad_input;
+}
+
+enum class Reduction { None, Mean, Sum };
+
+Reduction parse_reduction(c10::string_view name, const char* op) {
+  if (name == "mean") return Reduction::Mean;
+  if (name == "sum") return Reduction::Sum;
+  if (name == "none") return Reduction::None;
+  TORCH_CHECK_VALUE(false, op, ": expected reduction to be 'mean', 'sum' or 'none', got '",
+                    std::string(name), "'");
+}
+
+void check_nll_args(const Tensor& input, const Tensor& target, const char* op) {
+  check_floating(input, "input", op);
+  check_defined(target, "target", op);
+  TORCH_CHECK(input.dim() == 2, op, ": expected input of shape (N, C), got ", input.sizes());
+  TORCH_CHECK_TYPE(target.scalar_type() == at::kLong, op,
+                   ": expected target to have dtype int64 (class indices), got ",
+                   target.scalar_type());
+  TORCH_CHECK(target.dim() == 1 && target.size(0) == input.size(0), op,
+              ": expected target of shape (", input.size(0), ",) to match input ",
+              input.sizes(), ", got ", target.sizes());
+  check_same_device(target, "target", input, "input", op);
+}
+
+at::ScalarType compute_type(const Tensor& input) {
+  return at::toOpMathType(input.scalar_type());
+}
+
+std::tuple<Tensor, Tensor> nll_impl(const Tensor& self, const Tensor& target_arg,
+                                    c10::string_view reduction_name, int64_t ignore_index) {
+  constexpr const char* op = "pyops.log_softmax_nll_loss";
+  check_nll_args(self, target_arg, op);
+  const Reduction reduction = parse_reduction(reduction_name, op);
+  Tensor input = self.contiguous();
+  Tensor target = target_arg.contiguous();
+  const auto acc_options = input.options().dtype(compute_type(input));
+  Tensor row_loss = at::empty({input.size(0)}, acc_options);
+  Tensor lse = at::empty({input.size(0)}, acc_options);
+  if (input.numel() > 0) {
+    nll_forward_kernel(input.device().type())(input, target, ignore_index, row_loss, lse);
+  } else {
+    row_loss.zero_();
+    lse.fill_(-std::numeric_limits<double>::infinity());
+  }
+  Tensor loss;
+  switch (reduction) {
+    case Reduction::None: loss = row_loss; break;
+    case Reduction::Sum: loss = row_loss.sum(); break;
+    // Like torch: the mean over rows that are not ignored (NaN when there are none).
+    case Reduction::Mean: loss = row_loss.sum() / at::ne(target, ignore_index).sum(); break;
+  }
+  return {loss.to(input.scalar_type()), lse};
+}
+
+Tensor nll_backward_impl(const Tensor& grad_loss, const Tensor& self, const Tensor& target_arg,
+                         const Tensor& lse, c10::string_view reduction_name,
+                         int64_t ignore_index) {
+  constexpr const char* op = "pyops._log_softmax_nll_loss_backward";
+  check_nll_args(self, target_arg, op);
+  check_floating(grad_loss, "grad_loss", op);
+  const Reduction reduction = parse_reduction(reduction_name, op);
+  Tensor input = self.contiguous();
+  Tensor target = target_arg.contiguous();
+  const at::ScalarType acc = compute_type(input);
+  TORCH_CHECK(lse.dim() == 1 && lse.size(0) == input.size(0) && lse.scalar_type() == acc, op,
+              ": expected lse of shape (", input.size(0), ",) and dtype ", acc, ", got ",
+              lse.sizes(), " ", lse.scalar_type());
+  // Each row's weight: the upstream gradient of its loss, zero where ignored.
+  Tensor valid = at::ne(target, ignore_index).to(acc);
+  Tensor upstream = grad_loss.to(acc);
+  // With every row ignored the mean is NaN, but no row has a gradient (as in torch).
+  if (reduction == Reduction::Mean) upstream = upstream / valid.sum().clamp_min(1);
+  Tensor row_weight = (upstream * valid).contiguous();
+  Tensor grad_input = at::empty_like(input, at::MemoryFormat::Contiguous);
+  if (input.numel() > 0) {
+    nll_backward_kernel(input.device().type())(input, target, lse.contiguous(), row_weight,
+                                               grad_input);
+  }
+  return grad_input;
+}
+
+template <typename Signature>
+c10::TypedOperatorHandle<Signature> op_handle(const char* name) {
+  return c10::Dispatcher::singleton().findSchemaOrThrow(name, "").typed<Signature>();
+}
+
+bool needs_grad(const Tensor& t) { return c10::GradMode::is_enabled() && t.requires_grad(); }
+
+Tensor call_log_softmax_backward(const Tensor& grad, const Tensor& output, int64_t dim) {
+  static auto op =
+      op_handle<Tensor(const Tensor&, const Tensor&, int64_t)>("pyops::_log_softmax_backward");
+  return op.call(grad, output, dim);
+}
+
+struct LogSoftmaxFunction : torch::autograd::Function<LogSoftmaxFunction> {
+  static Tensor forward(AutogradContext* ctx, const Tensor& self, int64_t dim) {
+    static auto op = op_handle<Tensor(const Tensor&, int64_t)>("pyops::log_softmax");
+    Tensor output;
+    {
+      at::AutoDispatchBelowADInplaceOrView guard;
+      output = op.call(self, dim);
+    }
+    ctx->save_for_backward({output});
+    ctx->saved_data["dim"] = dim;
+    return output;
+  }
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    return {call_log_softmax_backward(grads[0], ctx->get_saved_variables()[0],
+                                      ctx->saved_data["dim"].toInt()),
+            Tensor()};
+  }
+};
+
+// grad_input = g - exp(y) * sum(g): linear in g; in y through exp(y).
+struct LogSoftmaxBackwardFunction : torch::autograd::Function<LogSoftmaxBackwardFunction> {
+  static Tensor forward(AutogradContext* ctx, const Tensor& grad, const Tensor& output,
+                        int64_t dim) {
+    Tensor grad_input;
+    {
+      at::AutoDispatchBelowADInplaceOrView guard;
+      grad_input = call_log_softmax_backward(grad, output, dim);
+    }
+    ctx->save_for_backward({grad, output});
+    ctx->saved_data["dim"] = dim;
+    return grad_input;
+  }
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    const auto saved = ctx->get_saved_variables();
+    const int64_t dim = ctx->saved_data["dim"].toInt();
+    const Tensor& upstream = grads[0];
+    const Tensor probabilities = at::exp(saved[1]);
+    const bool scalar = saved[1].dim() == 0;
+    auto sum_along = [&](const Tensor& t) { return scalar ? t : t.sum(dim, /*keepdim=*/true); };
+    return {upstream - sum_along(upstream * probabilities),
+            -upstream * probabilities * sum_along(saved[0]), Tensor()};
+  }
+};
+
+Tensor log_softmax_autograd(const Tensor& self, int64_t dim) {
+  if (!needs_grad(self)) {
+    static auto op = op_handle<Tensor(const Tensor&, int64_t)>("pyops::log_softmax");
+    at::AutoDispatchBelowADInplaceOrView guard;
+    return op.call(self, dim);
+  }
+  return LogSoftmaxFunction::apply(self, dim);
+}
+
+Tensor log_softmax_backward_autograd(const Tensor& grad, const Tensor& output, int64_t dim) {
+  if (!needs_grad(grad) && !needs_grad(output)) {
+    at::AutoDispatchBelowADInplaceOrView guard;
+    return call_log_softmax_backward(grad, output, dim);
+  }
+  return LogSoftmaxBackwardFunction::apply(grad, output, dim);
+}
+
+using NllSignature = std::tuple<Tensor, Tensor>(const Tensor&, const Tensor&, c10::string_view,
+                                                int64_t);
+
+struct NllFunction : torch::autograd::Function<NllFunction> {
+  static variable_list forward(AutogradContext* ctx, const Tensor& input, const Tensor& target,
+                               c10::string_view reduction, int64_t ignore_index) {
+    static auto op = op_handle<NllSignature>("pyops::log_softmax_nll_loss");
+    std::tuple<Tensor, Tensor> result;
+    {
+      at::AutoDispatchBelowADInplaceOrView guard;
+      result = op.call(input, target, reduction, ignore_index);
+    }
+    ctx->mark_non_differentiable({std::get<1>(result)});
+    ctx->save_for_backward({input, target, std::get<1>(result)});
+    ctx->saved_data["reduction"] = std::string(reduction);
+    ctx->saved_data["ignore_index"] = ignore_index;
+    return {std::get<0>(result), std::get<1>(result)};
+  }
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    static auto op = op_handle<Tensor(const Tensor&, const Tensor&, const Tensor&, const Tensor&,
+                                      c10::string_view, int64_t)>(
+        "pyops::_log_softmax_nll_loss_backward");
+    const auto saved = ctx->get_saved_variables();
+    const std::string reduction = ctx->saved_data["reduction"].toStringRef();
+    return {op.call(grads[0], saved[0], saved[1], saved[2], reduction,
+                    ctx->saved_data["ignore_index"].toInt()),
+            Tensor(), Tensor(), Tensor()};
+  }
+};
+
+std::tuple<Tensor, Tensor> nll_autograd(const Tensor& input, const Tensor& target,
+                                        c10::string_view reduction, int64_t ignore_index) {
+  if (!needs_grad(input)) {
+    static auto op = op_handle<NllSignature>("pyops::log_softmax_nll_loss");
+    at::AutoDispatchBelowADInplaceOrView guard;
+    return op.call(input, target, reduction, ignore_index);
+  }
+  auto outputs = NllFunction::apply(input, target, reduction, ignore_index);
+  return {outputs[0], outputs[1]};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_FRAGMENT(pyops, m) {
+  m.def("log_softmax(Tensor self, int dim) -> Tensor");
+  m.def("_log_softmax_backward(Tensor grad_output, Tensor output, int dim) -> Tensor");
+  // Returns the loss and each row's log-sum-exp (what the backward needs instead of the
+  // whole log-probability tensor).
+  m.def("log_softmax_nll_loss(Tensor input, Tensor target, str reduction=\"mean\", "
+        "int ignore_index=-100) -> (Tensor loss, Tensor lse)");
+  m.def("_log_softmax_nll_loss_backward(Tensor grad_loss, Tensor input, Tensor target, "
+        "Tensor lse, str reduction, int ignore_index) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(pyops, CPU, m) {
+  m.impl("log_softmax", log_softmax_impl);
+  m.impl("_log_softmax_backward", log_softmax_backward_impl);
+  m.impl("log_softmax_nll_loss", nll_impl);
+  m.impl("_log_softmax_nll_loss_backward", nll_backward_impl);
+}
+
+TORCH_LIBRARY_IMPL(pyops, CUDA, m) {
+  m.impl("log_softmax", log_softmax_impl);
+  m.impl("_log_softmax_backward", log_softmax_backward_impl);
+  m.impl("log_softmax_nll_loss", nll_impl);
+  m.impl("_log_softmax_nll_loss_backward", nll_backward_impl);
+}
+
+TORCH_LIBRARY_IMPL(pyops, Autograd, m) {
+  m.impl("log_softmax", log_softmax_autograd);
+  m.impl("_log_softmax_backward", log_softmax_backward_autograd);
+  m.impl("log_softmax_nll_loss", nll_autograd);
+  // The fused loss has no double backward: asking for one raises a clear error.
+  m.impl("_log_softmax_nll_loss_backward", not_differentiable_kernel());
+}
+
+}  // namespace pyops::softmax
