@@ -11,5 +11,12 @@ from pyops.functional.activation import (  # noqa: F401
     sigmoid,
     tanh,
 )
+from pyops.functional.pool import (  # noqa: F401
+    avg_pool2d,
+    max_pool2d,
+    min_pool2d,
+    relu_max_pool2d,
+)
 
-__all__ = ["relu", "relu_", "leaky_relu", "leaky_relu_", "sigmoid", "tanh", "bias_act"]
+__all__ = ["relu", "relu_", "leaky_relu", "leaky_relu_", "sigmoid", "tanh", "bias_act",
+           "max_pool2d", "min_pool2d", "avg_pool2d", "relu_max_pool2d"]
