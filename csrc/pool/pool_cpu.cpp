@@ -159,6 +159,106 @@ inline void store_lane_indices(const Geometry& g, const Vectorized<Acc>& offsets
   }
 }
 
+// Taps at p[lane_offsets[i]] for the kLanes lanes (a hardware gather where there is one).
+template <typename T>
+inline Vectorized<opmath_t<T>> load_lanes(const T* p, const at::vec::int_same_size_t<opmath_t<T>>* lane_offsets) {
+  using Acc = opmath_t<T>;
+  using Vec = Vectorized<Acc>;
+  if constexpr (!kReduced<T>) {
+    return at::vec::gather<sizeof(T)>(p, Vectorized<at::vec::int_same_size_t<Acc>>::loadu(lane_offsets));
+  } else {
+    alignas(64) Acc lanes[Vec::size()];
+    for (int i = 0; i < Vec::size(); ++i) lanes[i] = static_cast<Acc>(p[lane_offsets[i]]);
+    return Vec::loadu(lanes);
+  }
+}
+
+// NCHW planes whose rows are too short for the row path (fewer than 2 * kLanes interior
+// outputs): the outputs whose windows lie wholly inside the input are reduced kLanes at a
+// time across rows, reading their taps by gather; the others take the scalar path.
+template <IndexKind K, typename Reduce, typename T>
+void arg_forward_nchw_gather(const Geometry& g, const T* input, T* output,
+                             typename IndexType<K>::type* indices) {
+  using Acc = opmath_t<T>;
+  using Vec = Vectorized<Acc>;
+  using Lane = at::vec::int_same_size_t<Acc>;
+  constexpr int64_t kLanes = Vec::size();
+  const int64_t in_plane = g.in_h * g.in_w, out_plane = g.out_h * g.out_w;
+  const TapRange rows =
+      interior_outputs(g.out_h, g.stride_h, g.pad_h, g.dilation_h, g.kernel_h, g.in_h);
+  const TapRange cols =
+      interior_outputs(g.out_w, g.stride_w, g.pad_w, g.dilation_w, g.kernel_w, g.in_w);
+  // Shared by every plane: interior outputs, their windows' first input, the others.
+  std::vector<int64_t> inner_out, edge_out;
+  std::vector<Lane> inner_in;
+  for (int64_t oh = 0; oh < g.out_h; ++oh) {
+    for (int64_t ow = 0; ow < g.out_w; ++ow) {
+      if (oh >= rows.begin && oh < rows.end && ow >= cols.begin && ow < cols.end) {
+        inner_out.push_back(oh * g.out_w + ow);
+        inner_in.push_back(static_cast<Lane>((oh * g.stride_h - g.pad_h) * g.in_w +
+                                             ow * g.stride_w - g.pad_w));
+      } else {
+        edge_out.push_back(oh * g.out_w + ow);
+      }
+    }
+  }
+  std::vector<int64_t> tap_offsets(g.kernel_h * g.kernel_w);
+  for (int64_t kh = 0; kh < g.kernel_h; ++kh) {
+    for (int64_t kw = 0; kw < g.kernel_w; ++kw) {
+      tap_offsets[kh * g.kernel_w + kw] = kh * g.dilation_h * g.in_w + kw * g.dilation_w;
+    }
+  }
+  const int64_t inner = static_cast<int64_t>(inner_out.size());
+  const int64_t grain = std::max<int64_t>(1, kGrainSize / std::max<int64_t>(1, in_plane));
+  at::parallel_for(0, g.batch * g.channels, grain, [&](int64_t begin, int64_t end) {
+    alignas(64) Acc results[kLanes];
+    for (int64_t plane = begin; plane < end; ++plane) {
+      const T* in = input + plane * in_plane;
+      T* out = output + plane * out_plane;
+      auto* index = K == IndexKind::None ? nullptr : indices + plane * out_plane;
+      int64_t i = 0;
+      for (; i + kLanes <= inner; i += kLanes) {
+        Vec best(Reduce::identity());
+        Vec offsets(Acc(0));
+        for (int64_t t = 0; t < g.kernel_h * g.kernel_w; ++t) {
+          const Vec v = load_lanes(in + tap_offsets[t], inner_in.data() + i);
+          const auto replaces = Reduce::replaces(v, best);
+          best = math::where(replaces, v, best);
+          if constexpr (K != IndexKind::None) {
+            offsets = math::where(replaces, Vec(static_cast<Acc>(t)), offsets);
+          }
+        }
+        const Vec result = Reduce::finalize(best);
+        alignas(64) T stored[kLanes];
+        store_acc(stored, result);
+        for (int64_t lane = 0; lane < kLanes; ++lane) out[inner_out[i + lane]] = stored[lane];
+        if constexpr (K != IndexKind::None) {
+          alignas(64) Acc offset_lanes[kLanes];
+          offsets.store(offset_lanes);
+          result.store(results);
+          for (int64_t lane = 0; lane < kLanes; ++lane) {
+            const int64_t base = inner_in[i + lane];
+            index[inner_out[i + lane]] = index_value<K, Reduce>(
+                g, static_cast<int64_t>(offset_lanes[lane]), results[lane], base / g.in_w,
+                base % g.in_w);
+          }
+        }
+      }
+      auto scalar = [&](int64_t o) {
+        const int64_t oh = o / g.out_w, ow = o % g.out_w;
+        const int64_t ih0 = oh * g.stride_h - g.pad_h, iw0 = ow * g.stride_w - g.pad_w;
+        arg_window_scalar<K, Reduce>(
+            g, in + ih0 * g.in_w + iw0, 1, g.in_w,
+            valid_taps(oh, g.stride_h, g.pad_h, g.dilation_h, g.kernel_h, g.in_h),
+            valid_taps(ow, g.stride_w, g.pad_w, g.dilation_w, g.kernel_w, g.in_w), ih0, iw0,
+            out + o, index ? index + o : nullptr);
+      };
+      for (; i < inner; ++i) scalar(inner_out[i]);
+      for (int64_t o : edge_out) scalar(o);
+    }
+  });
+}
+
 template <IndexKind K, typename Reduce, typename T>
 void arg_forward_nchw(const Geometry& g, const T* input, T* output,
                       typename IndexType<K>::type* indices) {
@@ -169,6 +269,11 @@ void arg_forward_nchw(const Geometry& g, const T* input, T* output,
   const int64_t in_plane = g.in_h * g.in_w, out_plane = g.out_h * g.out_w;
   const TapRange interior =
       interior_outputs(g.out_w, g.stride_w, g.pad_w, g.dilation_w, g.kernel_w, g.in_w);
+  // Lane offsets of the gather path are int32 for float: planes must fit.
+  if (interior.end - interior.begin < 2 * kLanes && in_plane < (int64_t{1} << 31)) {
+    arg_forward_nchw_gather<K, Reduce>(g, input, output, indices);
+    return;
+  }
   const int64_t grain = std::max<int64_t>(1, kGrainSize / std::max<int64_t>(1, in_plane));
   at::parallel_for(0, planes, grain, [&](int64_t begin, int64_t end) {
     for (int64_t plane = begin; plane < end; ++plane) {

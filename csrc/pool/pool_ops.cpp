@@ -13,7 +13,10 @@
 //   _avg_pool2d_backward
 
 #include <ATen/core/dispatch/Dispatcher.h>
+#include <ATen/TensorOperators.h>
+#include <ATen/ops/arange.h>
 #include <ATen/ops/empty.h>
+#include <ATen/ops/where.h>
 #include <torch/autograd.h>
 #include <torch/library.h>
 
@@ -398,6 +401,64 @@ struct ArgPoolFunction : torch::autograd::Function<ArgPoolFunction> {
   }
 };
 
+// The input position (h * in_w + w within the plane) each output routes its gradient to,
+// and where it routes none (fused relu); from tap offsets or torch's int64 indices.
+std::pair<Tensor, Tensor> routed_positions(const Tensor& indices, IntArrayRef input_size,
+                                           const PoolArgs& a) {
+  if (indices.scalar_type() == at::kLong) return {indices, indices.lt(0)};
+  const int64_t in_w = input_size.back();
+  const int64_t out_h = indices.size(-2), out_w = indices.size(-1);
+  const Tensor blocked =
+      indices.scalar_type() == at::kByte ? indices.eq(kNoTap<uint8_t>) : indices.eq(kNoTap<int32_t>);
+  const Tensor offsets = indices.to(at::kLong);
+  const Tensor kh = offsets.div(a.kernel.w, "floor"), kw = offsets.remainder(a.kernel.w);
+  const auto long_options = offsets.options();
+  const Tensor oh = at::arange(out_h, long_options).view({out_h, 1});
+  const Tensor ow = at::arange(out_w, long_options).view({1, out_w});
+  const Tensor ih = oh * a.stride.h - a.padding.h + kh * a.dilation.h;
+  const Tensor iw = ow * a.stride.w - a.padding.w + kw * a.dilation.w;
+  return {at::where(blocked, 0, ih * in_w + iw), blocked};
+}
+
+// _max_pool2d_backward is linear in grad_output: its own backward gathers the incoming
+// gradient at the positions the indices name (double backward of max/min pooling).
+struct MaxPoolBackwardFunction : torch::autograd::Function<MaxPoolBackwardFunction> {
+  static Tensor forward(AutogradContext* ctx, const Tensor& grad_output, const Tensor& indices,
+                        IntArrayRef input_size, IntArrayRef kernel_size, IntArrayRef stride,
+                        IntArrayRef padding, IntArrayRef dilation, bool ceil_mode,
+                        bool channels_last) {
+    Tensor result;
+    {
+      at::AutoDispatchBelowADInplaceOrView guard;
+      result = call_max_pool_backward(grad_output, indices, input_size, kernel_size, stride,
+                                      padding, dilation, ceil_mode, channels_last);
+    }
+    ctx->save_for_backward({indices});
+    ctx->saved_data["input_size"] = input_size.vec();
+    ctx->saved_data["kernel_size"] = kernel_size.vec();
+    ctx->saved_data["stride"] = stride.vec();
+    ctx->saved_data["padding"] = padding.vec();
+    ctx->saved_data["dilation"] = dilation.vec();
+    return result;
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    variable_list result(9);
+    if (!grads[0].defined()) return result;
+    const Tensor indices = ctx->get_saved_variables()[0];
+    auto& d = ctx->saved_data;
+    const auto input_size = d["input_size"].toIntVector();
+    const PoolArgs a = parse_args(d["kernel_size"].toIntVector(), d["stride"].toIntVector(),
+                                  d["padding"].toIntVector(), d["dilation"].toIntVector(), false,
+                                  "pyops._max_pool2d_backward");
+    auto [positions, blocked] = routed_positions(indices, input_size, a);
+    const Tensor gathered = grads[0].flatten(-2).gather(-1, positions.flatten(-2)).view(
+        indices.sizes());
+    result[0] = at::where(blocked, 0, gathered);
+    return result;
+  }
+};
+
 struct AvgPoolFunction : torch::autograd::Function<AvgPoolFunction> {
   static Tensor forward(AutogradContext* ctx, const Tensor& self, IntArrayRef kernel_size,
                         IntArrayRef stride, IntArrayRef padding, bool ceil_mode,
@@ -523,6 +584,36 @@ std::tuple<Tensor, Tensor> pool_with_indices_autograd(const Tensor& self, IntArr
   return {outputs[0], outputs[1]};
 }
 
+std::tuple<Tensor, Tensor> pool_with_offsets_autograd(const Tensor& self, IntArrayRef kernel_size,
+                                                      IntArrayRef stride, IntArrayRef padding,
+                                                      IntArrayRef dilation, bool ceil_mode,
+                                                      c10::string_view reduction) {
+  const ArgReduction r = parse_reduction(reduction, "pyops._pool2d_with_offsets");
+  if (!requires_grad(self)) {
+    static auto op = op_handle<std::tuple<Tensor, Tensor>(
+        const Tensor&, IntArrayRef, IntArrayRef, IntArrayRef, IntArrayRef, bool,
+        c10::string_view)>("pyops::_pool2d_with_offsets");
+    at::AutoDispatchBelowADInplaceOrView guard;
+    return op.call(self, kernel_size, stride, padding, dilation, ceil_mode, reduction);
+  }
+  auto outputs = ArgPoolFunction::apply(self, kernel_size, stride, padding, dilation, ceil_mode,
+                                        static_cast<int64_t>(r), false);
+  return {outputs[0], outputs[1]};
+}
+
+Tensor max_pool_backward_autograd(const Tensor& grad_output, const Tensor& indices,
+                                  IntArrayRef input_size, IntArrayRef kernel_size,
+                                  IntArrayRef stride, IntArrayRef padding, IntArrayRef dilation,
+                                  bool ceil_mode, bool channels_last) {
+  if (!requires_grad(grad_output)) {
+    at::AutoDispatchBelowADInplaceOrView guard;
+    return call_max_pool_backward(grad_output, indices, input_size, kernel_size, stride, padding,
+                                  dilation, ceil_mode, channels_last);
+  }
+  return MaxPoolBackwardFunction::apply(grad_output, indices, input_size, kernel_size, stride,
+                                        padding, dilation, ceil_mode, channels_last);
+}
+
 Tensor avg_pool_autograd(const Tensor& self, IntArrayRef kernel_size, IntArrayRef stride,
                          IntArrayRef padding, bool ceil_mode, bool count_include_pad,
                          std::optional<int64_t> divisor_override) {
@@ -599,6 +690,8 @@ TORCH_LIBRARY_IMPL(pyops, Autograd, m) {
   m.impl("relu_max_pool2d", pool_autograd<ArgReduction::ReluMax>);
   m.impl("max_pool2d_with_indices", pool_with_indices_autograd<ArgReduction::Max>);
   m.impl("min_pool2d_with_indices", pool_with_indices_autograd<ArgReduction::Min>);
+  m.impl("_pool2d_with_offsets", pool_with_offsets_autograd);
+  m.impl("_max_pool2d_backward", max_pool_backward_autograd);
   m.impl("avg_pool2d", avg_pool_autograd);
   m.impl("_avg_pool2d_backward", avg_pool_backward_autograd);
 }

@@ -7,6 +7,8 @@ from torch.library import register_fake
 
 
 def _pair(values, default=None):
+    if isinstance(values, int):  # int[2] arguments may come as one int
+        return (values, values)
     values = list(values)
     if not values and default is not None:
         return default
