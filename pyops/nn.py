@@ -3,10 +3,12 @@ holds), takes the same constructor arguments and has the same parameters, buffer
 state_dict keys; only forward runs pyops kernels."""
 
 import torch
+from torch.nn.modules.pooling import _MaxPoolNd
 
 from pyops import functional as F
 
-__all__ = ["ReLU", "LeakyReLU", "Sigmoid", "Tanh", "Dropout", "LogSoftmax"]
+__all__ = ["ReLU", "LeakyReLU", "Sigmoid", "Tanh", "Dropout", "LogSoftmax", "MaxPool2d",
+           "MinPool2d", "AvgPool2d"]
 
 
 class ReLU(torch.nn.ReLU):
@@ -37,3 +39,26 @@ class Dropout(torch.nn.Dropout):
 class LogSoftmax(torch.nn.LogSoftmax):
     def forward(self, input):
         return F.log_softmax(input, self.dim, _stacklevel=5)
+
+
+class MaxPool2d(torch.nn.MaxPool2d):
+    def forward(self, input):
+        return F.max_pool2d(input, self.kernel_size, self.stride, self.padding, self.dilation,
+                            ceil_mode=self.ceil_mode, return_indices=self.return_indices)
+
+
+class MinPool2d(_MaxPoolNd):
+    """Minimum pooling. torch has no twin: it shares torch.nn.MaxPool2d's base class
+    (constructor arguments, attributes, repr and empty state_dict) but is not an
+    instance of MaxPool2d, so code that swaps or special-cases max pooling leaves it
+    alone."""
+
+    def forward(self, input):
+        return F.min_pool2d(input, self.kernel_size, self.stride, self.padding, self.dilation,
+                            ceil_mode=self.ceil_mode, return_indices=self.return_indices)
+
+
+class AvgPool2d(torch.nn.AvgPool2d):
+    def forward(self, input):
+        return F.avg_pool2d(input, self.kernel_size, self.stride, self.padding, self.ceil_mode,
+                            self.count_include_pad, self.divisor_override)

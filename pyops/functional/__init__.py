@@ -12,7 +12,21 @@ from pyops.functional.activation import (  # noqa: F401
     tanh,
 )
 from pyops.functional.dropout import dropout  # noqa: F401
+from pyops.functional.pool import (  # noqa: F401
+    avg_pool2d,
+    max_pool2d,
+    min_pool2d,
+    relu_max_pool2d,
+)
 from pyops.functional.softmax import log_softmax, log_softmax_nll_loss  # noqa: F401
 
-__all__ = ["relu", "relu_", "leaky_relu", "leaky_relu_", "sigmoid", "tanh", "bias_act", "dropout",
-           "log_softmax", "log_softmax_nll_loss"]
+__all__ = [
+    # activation
+    "relu", "relu_", "leaky_relu", "leaky_relu_", "sigmoid", "tanh", "bias_act",
+    # dropout
+    "dropout",
+    # pool
+    "max_pool2d", "min_pool2d", "avg_pool2d", "relu_max_pool2d",
+    # softmax
+    "log_softmax", "log_softmax_nll_loss",
+]
