@@ -7,7 +7,7 @@ from torch.nn.modules.pooling import _MaxPoolNd
 
 from pyops import functional as F
 
-__all__ = ["ReLU", "LeakyReLU", "Sigmoid", "Tanh", "Dropout", "LogSoftmax", "MaxPool2d",
+__all__ = ["ReLU", "LeakyReLU", "Sigmoid", "Tanh", "Dropout", "LogSoftmax", "Linear", "MaxPool2d",
            "MinPool2d", "AvgPool2d"]
 
 
@@ -62,3 +62,8 @@ class AvgPool2d(torch.nn.AvgPool2d):
     def forward(self, input):
         return F.avg_pool2d(input, self.kernel_size, self.stride, self.padding, self.ceil_mode,
                             self.count_include_pad, self.divisor_override)
+
+
+class Linear(torch.nn.Linear):
+    def forward(self, input):
+        return F.linear(input, self.weight, self.bias)

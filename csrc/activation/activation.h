@@ -133,6 +133,20 @@ using BiasBackwardFn = void (*)(Activation, double negative_slope, bool saved_is
                                 const at::Tensor& bias, const at::Tensor& grad_input,
                                 const at::Tensor& grad_bias, ChannelLayout);
 
+// ---- The family's operators, called through the dispatcher (autograd included), for
+// the autograd of families that use an activation as their epilogue (linear, conv).
+
+// grad * act'(saved); `saved_is_result` as in leaky_relu's backward. Identity for none.
+at::Tensor dispatch_activation_backward(Activation act, const at::Tensor& grad,
+                                        const at::Tensor& saved, double negative_slope,
+                                        bool saved_is_result);
+// pyops::bias_act and pyops::_bias_act_backward.
+at::Tensor dispatch_bias_act(const at::Tensor& input, const at::Tensor& bias, Activation act,
+                             double negative_slope);
+std::tuple<at::Tensor, at::Tensor> dispatch_bias_act_backward(
+    const at::Tensor& grad, const at::Tensor& saved, const at::Tensor& bias, Activation act,
+    double negative_slope, bool saved_is_result);
+
 extern DispatchTable<ForwardFn> forward_kernel;
 extern DispatchTable<BackwardFn> backward_kernel;
 extern DispatchTable<BiasForwardFn> bias_forward_kernel;

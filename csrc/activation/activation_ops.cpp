@@ -606,6 +606,23 @@ std::tuple<Tensor, Tensor> bias_act_backward_autograd(const Tensor& grad_output,
 
 }  // namespace
 
+Tensor dispatch_activation_backward(Activation act, const Tensor& grad, const Tensor& saved,
+                                    double slope, bool saved_is_result) {
+  return call_backward(act, grad, saved, slope, saved_is_result);
+}
+
+Tensor dispatch_bias_act(const Tensor& input, const Tensor& bias, Activation act, double slope) {
+  static auto op = op_handle<Tensor(const Tensor&, const Tensor&, c10::string_view, double)>(
+      "pyops::bias_act");
+  return op.call(input, bias, activation_name(act), slope);
+}
+
+std::tuple<Tensor, Tensor> dispatch_bias_act_backward(const Tensor& grad, const Tensor& saved,
+                                                      const Tensor& bias, Activation act,
+                                                      double slope, bool saved_is_result) {
+  return call_bias_act_backward(grad, saved, bias, act, slope, saved_is_result);
+}
+
 TORCH_LIBRARY_FRAGMENT(pyops, m) {
   for (const char* name : {"relu", "sigmoid", "tanh"}) {
     const std::string n(name);

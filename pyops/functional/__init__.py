@@ -12,6 +12,7 @@ from pyops.functional.activation import (  # noqa: F401
     tanh,
 )
 from pyops.functional.dropout import dropout  # noqa: F401
+from pyops.functional.linear import linear, linear_act  # noqa: F401
 from pyops.functional.pool import (  # noqa: F401
     avg_pool2d,
     max_pool2d,
@@ -25,6 +26,8 @@ __all__ = [
     "relu", "relu_", "leaky_relu", "leaky_relu_", "sigmoid", "tanh", "bias_act",
     # dropout
     "dropout",
+    # linear
+    "linear", "linear_act",
     # pool
     "max_pool2d", "min_pool2d", "avg_pool2d", "relu_max_pool2d",
     # softmax

@@ -1,0 +1,199 @@
+// The linear family: y = act(x W^T + b). The GEMM is ATen's (the BLAS / cuBLAS torch
+// links); the bias and activation are the activation family's fused epilogue, applied in
+// place on the GEMM output (one pass), and the backward computes the pre-activation
+// gradient and the bias gradient in one pass too. The family has no kernels of its own.
+
+#include <ATen/TensorOperators.h>
+#include <ATen/core/dispatch/Dispatcher.h>
+#include <ATen/ops/addmm.h>
+#include <ATen/ops/mm.h>
+#include <torch/autograd.h>
+#include <torch/library.h>
+
+#include "activation/activation.h"
+#include "common/checks.h"
+
+namespace pyops::linear {
+namespace {
+
+using activation::Activation;
+using at::Tensor;
+using torch::autograd::AutogradContext;
+using torch::autograd::variable_list;
+
+constexpr const char* kOp = "pyops.linear_act";
+
+void check_args(const Tensor& input, const Tensor& weight, const c10::optional<Tensor>& bias) {
+  check_floating(input, "input", kOp);
+  check_floating(weight, "weight", kOp);
+  TORCH_CHECK(input.dim() >= 1, kOp, ": expected input with at least 1 dim, got a scalar");
+  TORCH_CHECK(weight.dim() == 2, kOp, ": expected weight of shape (out_features, in_features), got ",
+              weight.sizes());
+  TORCH_CHECK(input.size(-1) == weight.size(1), kOp, ": expected input.size(-1) == ",
+              weight.size(1), " (weight.size(1), in_features), got input of shape ",
+              input.sizes());
+  check_same_dtype(weight, "weight", input, "input", kOp);
+  check_same_device(weight, "weight", input, "input", kOp);
+  if (bias.has_value() && bias->defined()) {
+    check_floating(*bias, "bias", kOp);
+    TORCH_CHECK(bias->dim() == 1 && bias->size(0) == weight.size(0), kOp,
+                ": expected bias of shape [", weight.size(0), "] (out_features), got ",
+                bias->sizes());
+    check_same_dtype(*bias, "bias", input, "input", kOp);
+    check_same_device(*bias, "bias", input, "input", kOp);
+  }
+}
+
+std::vector<int64_t> output_shape(const Tensor& input, const Tensor& weight) {
+  std::vector<int64_t> shape(input.sizes().begin(), input.sizes().end());
+  shape.back() = weight.size(0);
+  return shape;
+}
+
+// What the activation's backward needs saved: the result, or (a negative leaky slope,
+// whose result cannot tell the sign) the pre-activation GEMM output.
+bool saves_result(Activation act, double slope) {
+  return act != Activation::LeakyRelu || slope >= 0.0;
+}
+
+template <typename Signature>
+c10::TypedOperatorHandle<Signature> op_handle(const char* name) {
+  return c10::Dispatcher::singleton().findSchemaOrThrow(name, "").typed<Signature>();
+}
+
+using LinearActSignature = Tensor(const Tensor&, const Tensor&, const c10::optional<Tensor>&,
+                                  c10::string_view, double);
+
+// The device implementation (real tensors only: it calls the epilogue kernel directly).
+Tensor linear_act_impl(const Tensor& input, const Tensor& weight,
+                       const c10::optional<Tensor>& bias_opt, c10::string_view activation_name,
+                       double slope) {
+  check_args(input, weight, bias_opt);
+  const Activation act = activation::parse_activation(activation_name, kOp);
+  const Tensor bias = bias_opt.value_or(Tensor());
+  const Tensor x = input.reshape({-1, input.size(-1)});
+  Tensor y;
+  if (act == Activation::None) {
+    // Exactly torch's linear: the bias rides in the GEMM (beta = 1).
+    y = bias.defined() ? at::addmm(bias, x, weight.t()) : at::mm(x, weight.t());
+  } else {
+    // Bias and activation in place on the fresh GEMM output: one pass.
+    y = at::mm(x, weight.t());
+    if (y.numel() > 0) {
+      const auto device = y.device().type();
+      if (bias.defined()) {
+        activation::bias_forward_kernel(device)(act, slope, y, bias.contiguous(), y,
+                                                {y.size(0), y.size(1), 1});
+      } else {
+        activation::forward_kernel(device)(act, slope, y, y);
+      }
+    }
+  }
+  return y.view(output_shape(input, weight));
+}
+
+struct LinearActFunction : torch::autograd::Function<LinearActFunction> {
+  // `bias_opt` stays optional: an undefined Tensor argument would count as a variable.
+  static Tensor forward(AutogradContext* ctx, const Tensor& input, const Tensor& weight,
+                        const c10::optional<Tensor>& bias_opt, c10::string_view activation_name,
+                        double slope) {
+    const Activation act = activation::parse_activation(activation_name, kOp);
+    check_args(input, weight, bias_opt);
+    const Tensor bias = bias_opt.value_or(Tensor());
+    const bool saved_is_result = saves_result(act, slope);
+    Tensor result, act_saved;
+    {
+      // Everything below autograd and through the dispatcher (fake tensors included).
+      at::AutoDispatchBelowADInplaceOrView guard;
+      if (saved_is_result) {
+        static auto op = op_handle<LinearActSignature>("pyops::linear_act");
+        result = op.call(input, weight, bias_opt, activation_name, slope);
+        act_saved = result;
+      } else {
+        // A negative leaky slope: the backward needs the pre-activation, kept apart.
+        act_saved = at::mm(input.reshape({-1, input.size(-1)}), weight.t());
+        static auto leaky = op_handle<Tensor(const Tensor&, double)>("pyops::leaky_relu");
+        result = (bias.defined() ? activation::dispatch_bias_act(act_saved, bias, act, slope)
+                                 : leaky.call(act_saved, slope))
+                     .view(output_shape(input, weight));
+      }
+    }
+    // The input and the result themselves (not views made here, which would have no
+    // history): double backward differentiates through them.
+    ctx->save_for_backward({input, weight, bias, act_saved});
+    ctx->saved_data["act"] = static_cast<int64_t>(act);
+    ctx->saved_data["slope"] = slope;
+    ctx->saved_data["saved_is_result"] = saved_is_result;
+    ctx->saved_data["input_sizes"] = input.sizes().vec();
+    return result;
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    const auto saved = ctx->get_saved_variables();
+    const Tensor &weight = saved[1], &bias = saved[2];
+    const Tensor x = saved[0].reshape({-1, weight.size(1)});
+    const Tensor act_saved = saved[3].reshape({-1, weight.size(0)});
+    const auto act = static_cast<Activation>(ctx->saved_data["act"].toInt());
+    const double slope = ctx->saved_data["slope"].toDouble();
+    const bool saved_is_result = ctx->saved_data["saved_is_result"].toBool();
+    Tensor grad = grads[0].reshape({-1, weight.size(0)});
+    // The gradient before the activation, and the bias gradient, in one pass.
+    Tensor grad_z, grad_bias;
+    if (act == Activation::None) {
+      grad_z = grad;
+      if (bias.defined()) grad_bias = grad.sum(0);
+    } else if (bias.defined() && saved_is_result) {
+      std::tie(grad_z, grad_bias) =
+          activation::dispatch_bias_act_backward(grad, act_saved, bias, act, slope, true);
+    } else {
+      // The result, or the pre-activation (GEMM output; + bias) for a negative slope.
+      Tensor pre = saved_is_result || !bias.defined() ? act_saved : act_saved + bias;
+      grad_z = activation::dispatch_activation_backward(act, grad, pre, slope, false);
+      if (bias.defined()) grad_bias = grad_z.sum(0);
+    }
+    Tensor grad_input, grad_weight;
+    if (ctx->needs_input_grad(0)) {
+      grad_input = grad_z.mm(weight).view(ctx->saved_data["input_sizes"].toIntVector());
+    }
+    if (ctx->needs_input_grad(1)) grad_weight = grad_z.t().mm(x);
+    // needs_input_grad counts tensor inputs only: an absent bias has no index.
+    const bool bias_grad = bias.defined() && ctx->needs_input_grad(2);
+    return {grad_input, grad_weight, bias_grad ? grad_bias : Tensor(), Tensor(), Tensor()};
+  }
+};
+
+Tensor linear_act_autograd(const Tensor& input, const Tensor& weight,
+                           const c10::optional<Tensor>& bias, c10::string_view activation_name,
+                           double slope) {
+  const bool needs_grad =
+      c10::GradMode::is_enabled() &&
+      (input.requires_grad() || weight.requires_grad() ||
+       (bias.has_value() && bias->defined() && bias->requires_grad()));
+  if (!needs_grad) {
+    at::AutoDispatchBelowADInplaceOrView guard;
+    static auto op = op_handle<LinearActSignature>("pyops::linear_act");
+    return op.call(input, weight, bias, activation_name, slope);
+  }
+  return LinearActFunction::apply(input, weight, bias, activation_name, slope);
+}
+
+}  // namespace
+
+TORCH_LIBRARY_FRAGMENT(pyops, m) {
+  m.def("linear_act(Tensor input, Tensor weight, Tensor? bias=None, str activation=\"none\", "
+        "float negative_slope=0.01) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(pyops, CPU, m) {
+  m.impl("linear_act", linear_act_impl);
+}
+
+TORCH_LIBRARY_IMPL(pyops, CUDA, m) {
+  m.impl("linear_act", linear_act_impl);
+}
+
+TORCH_LIBRARY_IMPL(pyops, Autograd, m) {
+  m.impl("linear_act", linear_act_autograd);
+}
+
+}  // namespace pyops::linear
