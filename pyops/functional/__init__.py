@@ -11,5 +11,7 @@ from pyops.functional.activation import (  # noqa: F401
     sigmoid,
     tanh,
 )
+from pyops.functional.conv import conv2d, conv2d_bias_act, conv_transpose2d  # noqa: F401
 
-__all__ = ["relu", "relu_", "leaky_relu", "leaky_relu_", "sigmoid", "tanh", "bias_act"]
+__all__ = ["relu", "relu_", "leaky_relu", "leaky_relu_", "sigmoid", "tanh", "bias_act",
+           "conv2d", "conv_transpose2d", "conv2d_bias_act"]

@@ -1,0 +1,552 @@
+// CPU kernels of the convolution family, compiled once per CPU capability (setup.py).
+// Two paths, chosen per shape (use_direct below):
+//   - direct: stride-1 convolutions where a group has few input or few output channels
+//     (the seed network's first layer, depthwise). The input planes of a group are staged
+//     zero-padded with row pitch Wp; the output is computed "wide" (Wp columns per row,
+//     the extra columns discarded), which turns the 2-D correlation into flat 1-D loops
+//     over contiguous memory that vectorize fully whatever the image width.
+//   - im2col + GEMM on ATen's GEMM (the BLAS torch links), per sample and group.
+// Both apply bias + activation (activation.h's functors) to each output plane or sample
+// right after computing it, while it is in cache.
+
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/from_blob.h>
+#include <ATen/ops/mm.h>
+#include <ATen/ops/addmm.h>
+#include <ATen/ops/zeros.h>
+
+#include <algorithm>
+#include <cstring>
+#include <type_traits>
+#include <vector>
+
+#include "common/cpu_loops.h"
+#include "conv/conv.h"
+
+namespace pyops::conv {
+inline namespace CPU_CAPABILITY {
+namespace {
+
+using activation::Activation;
+using activation::visit_activation;
+using at::Tensor;
+using at::vec::Vectorized;
+using cpu::map_range;
+using cpu::opmath_t;
+
+#define PYOPS_DISPATCH_FLOATING(dtype, name, ...) \
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, name, __VA_ARGS__)
+
+int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+int64_t round_up(int64_t a, int64_t b) { return ceil_div(a, b) * b; }
+
+// Splits `work` items into chunks so that tasks * chunks gives every thread a few tasks.
+int64_t chunks_for(int64_t tasks, int64_t work) {
+  const int64_t wanted = 4 * static_cast<int64_t>(at::get_num_threads());
+  return std::clamp<int64_t>(ceil_div(wanted, std::max<int64_t>(tasks, 1)), 1,
+                             std::max<int64_t>(work, 1));
+}
+
+// The direct path pays per input channel and output channel pair what GEMM amortizes;
+// it wins when a group has few of either (and needs stride 1 for its flat loops).
+bool use_direct(int64_t in_per_group, int64_t out_per_group, int64_t stride_h, int64_t stride_w) {
+  return stride_h == 1 && stride_w == 1 && std::min(in_per_group, out_per_group) <= 4;
+}
+
+// ---- Epilogue ------------------------------------------------------------------------
+
+// out[i] = act(acc[i] + bias) for a row of n values; `acc` may be overwritten.
+template <typename T, typename Fn>
+void finish_row(const Fn& fn, bool has_bias, opmath_t<T> bias, opmath_t<T>* acc, T* out,
+                int64_t n) {
+  using Acc = opmath_t<T>;
+  Acc* dst = acc;
+  if constexpr (std::is_same_v<T, Acc>) dst = out;
+  if (has_bias) {
+    map_range([fn, bias](auto x) { using V = decltype(x); return fn.forward(x + V(bias)); }, n,
+              dst, acc);
+  } else {
+    map_range([fn](auto x) { return fn.forward(x); }, n, dst, acc);
+  }
+  if constexpr (!std::is_same_v<T, Acc>) {
+    for (int64_t i = 0; i < n; ++i) out[i] = static_cast<T>(acc[i]);
+  }
+}
+
+// out[i] = act(out[i] + bias) in place, for GEMM results.
+template <typename T, typename Fn>
+void finish_row_inplace(const Fn& fn, bool has_bias, opmath_t<T> bias, T* out, int64_t n) {
+  if (has_bias) {
+    map_range([fn, bias](auto x) { using V = decltype(x); return fn.forward(x + V(bias)); }, n,
+              out, out);
+  } else {
+    map_range([fn](auto x) { return fn.forward(x); }, n, out, out);
+  }
+}
+
+// ---- Direct path ---------------------------------------------------------------------
+
+// A stride-1 correlation of source planes (src_h x src_w) padded by pad_top/pad_left
+// (negative: cropped) into out_h x out_w outputs.
+struct DirectPlan {
+  int64_t src_h, src_w, pad_top, pad_left, out_h, out_w, kernel_h, kernel_w, dilation_h,
+      dilation_w;
+  int64_t staged_h() const { return out_h + (kernel_h - 1) * dilation_h; }
+  int64_t staged_w() const { return out_w + (kernel_w - 1) * dilation_w; }
+  // Wide outputs: (out_h - 1) full rows of pitch staged_w, then out_w columns. With every
+  // tap's offset added, the last index read is staged_h * staged_w - 1.
+  int64_t wide_len() const { return (out_h - 1) * staged_w() + out_w; }
+};
+
+// A staged plane is padded to a whole number of vectors past its end, so loops over
+// wide outputs rounded up to whole vectors stay in bounds.
+template <typename Acc>
+int64_t staged_stride(const DirectPlan& p) {
+  return p.staged_h() * p.staged_w() + Vectorized<Acc>::size();
+}
+
+template <typename T, typename Acc>
+void stage_plane(const T* src, const DirectPlan& p, Acc* dst) {
+  const int64_t hp = p.staged_h(), wp = p.staged_w();
+  std::fill(dst, dst + staged_stride<Acc>(p), Acc(0));
+  const int64_t x_lo = std::max<int64_t>(0, p.pad_left);
+  const int64_t x_hi = std::min<int64_t>(wp, p.pad_left + p.src_w);
+  for (int64_t y = 0; y < hp; ++y) {
+    const int64_t sy = y - p.pad_top;
+    if (sy < 0 || sy >= p.src_h) continue;
+    const T* row = src + sy * p.src_w - p.pad_left;
+    for (int64_t x = x_lo; x < x_hi; ++x) dst[y * wp + x] = static_cast<Acc>(row[x]);
+  }
+}
+
+// wide[j] = sum_{ic, kh, kw} weights[ic, kh, kw] * staged[ic][j + tap offset], for j up to
+// wide_len rounded up to whole vectors. Four vectors of outputs stay in registers across
+// every input channel and tap.
+template <typename Acc>
+void correlate_wide(const DirectPlan& p, int64_t channels, const Acc* staged, int64_t stride,
+                    const Acc* weights, Acc* wide) {
+  using Vec = Vectorized<Acc>;
+  constexpr int64_t kV = Vec::size();
+  const int64_t wp = p.staged_w(), taps = p.kernel_h * p.kernel_w;
+  const int64_t len = round_up(p.wide_len(), kV);
+  int64_t j = 0;
+  for (; j + 4 * kV <= len; j += 4 * kV) {
+    Vec a0(Acc(0)), a1(Acc(0)), a2(Acc(0)), a3(Acc(0));
+    for (int64_t ic = 0; ic < channels; ++ic) {
+      const Acc* plane = staged + ic * stride + j;
+      const Acc* w = weights + ic * taps;
+      for (int64_t kh = 0; kh < p.kernel_h; ++kh) {
+        for (int64_t kw = 0; kw < p.kernel_w; ++kw) {
+          const Acc* q = plane + kh * p.dilation_h * wp + kw * p.dilation_w;
+          const Vec wv(w[kh * p.kernel_w + kw]);
+          a0 = at::vec::fmadd(wv, Vec::loadu(q), a0);
+          a1 = at::vec::fmadd(wv, Vec::loadu(q + kV), a1);
+          a2 = at::vec::fmadd(wv, Vec::loadu(q + 2 * kV), a2);
+          a3 = at::vec::fmadd(wv, Vec::loadu(q + 3 * kV), a3);
+        }
+      }
+    }
+    a0.store(wide + j);
+    a1.store(wide + j + kV);
+    a2.store(wide + j + 2 * kV);
+    a3.store(wide + j + 3 * kV);
+  }
+  for (; j < len; j += kV) {
+    Vec a(Acc(0));
+    for (int64_t ic = 0; ic < channels; ++ic) {
+      const Acc* plane = staged + ic * stride + j;
+      const Acc* w = weights + ic * taps;
+      for (int64_t kh = 0; kh < p.kernel_h; ++kh) {
+        for (int64_t kw = 0; kw < p.kernel_w; ++kw) {
+          a = at::vec::fmadd(Vec(w[kh * p.kernel_w + kw]),
+                             Vec::loadu(plane + kh * p.dilation_h * wp + kw * p.dilation_w), a);
+        }
+      }
+    }
+    a.store(wide + j);
+  }
+}
+
+// output[n, oc] = act(sum over the group's input planes of the correlation + bias[oc]).
+// `weights` is [out_channels, in_per_group, kh, kw] in Acc. Tasks are (sample, group,
+// chunk of the group's output channels); each stages its input planes once.
+template <typename T, typename Fn>
+void direct_forward(const Fn& fn, const DirectPlan& p, int64_t batch, int64_t groups,
+                    int64_t in_per_group, int64_t out_per_group, const T* input,
+                    const opmath_t<T>* weights, const T* bias, T* output) {
+  using Acc = opmath_t<T>;
+  const int64_t stride = staged_stride<Acc>(p);
+  const int64_t taps = p.kernel_h * p.kernel_w;
+  const int64_t chunks = chunks_for(batch * groups, out_per_group);
+  const int64_t chunk = ceil_div(out_per_group, chunks);
+  const int64_t in_plane = p.src_h * p.src_w, out_plane = p.out_h * p.out_w;
+  const int64_t wp = p.staged_w();
+  at::parallel_for(0, batch * groups * chunks, 1, [&](int64_t begin, int64_t end) {
+    std::vector<Acc> staged(in_per_group * stride);
+    std::vector<Acc> wide(round_up(p.wide_len(), Vectorized<Acc>::size()));
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t c = task % chunks, ng = task / chunks, g = ng % groups, n = ng / groups;
+      const T* src = input + (n * groups + g) * in_per_group * in_plane;
+      for (int64_t ic = 0; ic < in_per_group; ++ic) {
+        stage_plane(src + ic * in_plane, p, staged.data() + ic * stride);
+      }
+      const int64_t oc_end = std::min(out_per_group, (c + 1) * chunk);
+      for (int64_t o = c * chunk; o < oc_end; ++o) {
+        const int64_t oc = g * out_per_group + o;
+        correlate_wide(p, in_per_group, staged.data(), stride, weights + oc * in_per_group * taps,
+                       wide.data());
+        T* out = output + (n * groups * out_per_group + oc) * out_plane;
+        const Acc b = bias ? static_cast<Acc>(bias[oc]) : Acc(0);
+        for (int64_t oh = 0; oh < p.out_h; ++oh) {
+          finish_row<T>(fn, bias != nullptr, b, wide.data() + oh * wp, out + oh * p.out_w,
+                        p.out_w);
+        }
+      }
+    }
+  });
+}
+
+template <typename Acc>
+Acc dot(const Acc* a, const Acc* b, int64_t len) {  // len: a whole number of vectors
+  using Vec = Vectorized<Acc>;
+  constexpr int64_t kV = Vec::size();
+  Vec s0(Acc(0)), s1(Acc(0)), s2(Acc(0)), s3(Acc(0));
+  int64_t j = 0;
+  for (; j + 4 * kV <= len; j += 4 * kV) {
+    s0 = at::vec::fmadd(Vec::loadu(a + j), Vec::loadu(b + j), s0);
+    s1 = at::vec::fmadd(Vec::loadu(a + j + kV), Vec::loadu(b + j + kV), s1);
+    s2 = at::vec::fmadd(Vec::loadu(a + j + 2 * kV), Vec::loadu(b + j + 2 * kV), s2);
+    s3 = at::vec::fmadd(Vec::loadu(a + j + 3 * kV), Vec::loadu(b + j + 3 * kV), s3);
+  }
+  for (; j < len; j += kV) s0 = at::vec::fmadd(Vec::loadu(a + j), Vec::loadu(b + j), s0);
+  return cpu::detail::lane_sum((s0 + s1) + (s2 + s3));
+}
+
+// grad_weight[oc, ic, kh, kw] = sum_n <grad_output[n, oc], input[n, ic] shifted by the tap>.
+// grad_output planes are staged wide (pitch Wp, zero in the extra columns), so each tap
+// is one flat dot product. Tasks are (group, chunk of output channels); sums are in a
+// fixed order, whatever the thread count.
+template <typename T>
+void direct_backward_weight(const ConvShape& s, const DirectPlan& p, const T* input,
+                            const T* grad_output, T* grad_weight) {
+  using Acc = opmath_t<T>;
+  constexpr int64_t kV = Vectorized<Acc>::size();
+  const int64_t groups = s.groups, in_pg = s.in_per_group(), out_pg = s.out_per_group();
+  const int64_t stride = staged_stride<Acc>(p), wp = p.staged_w();
+  const int64_t taps = p.kernel_h * p.kernel_w;
+  const int64_t len = round_up(p.wide_len(), kV);
+  const int64_t chunks = chunks_for(groups, out_pg);
+  const int64_t chunk = ceil_div(out_pg, chunks);
+  at::parallel_for(0, groups * chunks, 1, [&](int64_t begin, int64_t end) {
+    std::vector<Acc> staged(in_pg * stride);
+    std::vector<Acc> grad_wide(len);
+    std::vector<Acc> sums(chunk * in_pg * taps);
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t g = task / chunks, c = task % chunks;
+      const int64_t o_begin = c * chunk, o_end = std::min(out_pg, o_begin + chunk);
+      std::fill(sums.begin(), sums.end(), Acc(0));
+      for (int64_t n = 0; n < s.batch; ++n) {
+        const T* src = input + (n * s.in_channels + g * in_pg) * s.in_plane();
+        for (int64_t ic = 0; ic < in_pg; ++ic) {
+          stage_plane(src + ic * s.in_plane(), p, staged.data() + ic * stride);
+        }
+        for (int64_t o = o_begin; o < o_end; ++o) {
+          const T* go = grad_output + (n * s.out_channels + g * out_pg + o) * s.out_plane();
+          std::fill(grad_wide.begin(), grad_wide.end(), Acc(0));
+          for (int64_t oh = 0; oh < s.out_h; ++oh) {
+            for (int64_t ow = 0; ow < s.out_w; ++ow) {
+              grad_wide[oh * wp + ow] = static_cast<Acc>(go[oh * s.out_w + ow]);
+            }
+          }
+          Acc* sum = sums.data() + (o - o_begin) * in_pg * taps;
+          for (int64_t ic = 0; ic < in_pg; ++ic) {
+            for (int64_t kh = 0; kh < p.kernel_h; ++kh) {
+              for (int64_t kw = 0; kw < p.kernel_w; ++kw) {
+                const Acc* shifted = staged.data() + ic * stride + kh * p.dilation_h * wp +
+                                     kw * p.dilation_w;
+                sum[(ic * p.kernel_h + kh) * p.kernel_w + kw] +=
+                    dot(grad_wide.data(), shifted, len);
+              }
+            }
+          }
+        }
+      }
+      T* gw = grad_weight + (g * out_pg + o_begin) * in_pg * taps;
+      for (int64_t i = 0; i < (o_end - o_begin) * in_pg * taps; ++i) gw[i] = static_cast<T>(sums[i]);
+    }
+  });
+}
+
+// ---- im2col + GEMM path ----------------------------------------------------------------
+
+// col[row, oh * out_w + ow] for one sample and group (conv.h's index math, row by row).
+template <typename T>
+void im2col(const T* plane, const ConvShape& s, T* col) {
+  const int64_t out_w = s.out_w, plane_cols = s.out_plane();
+  for (int64_t row = 0; row < s.patch_size(); ++row) {
+    const int64_t kw = row % s.kernel_w, kh = (row / s.kernel_w) % s.kernel_h;
+    const int64_t ic = row / (s.kernel_w * s.kernel_h);
+    const int64_t iw0 = input_coord(0, kw, s.stride_w, s.pad_w, s.dilation_w);
+    // Columns [lo, hi) read inside the input row.
+    const int64_t lo = std::min(out_w, std::max<int64_t>(0, ceil_div(-iw0, s.stride_w)));
+    const int64_t hi = std::max(lo, std::min(out_w, ceil_div(s.in_w - iw0, s.stride_w)));
+    for (int64_t oh = 0; oh < s.out_h; ++oh) {
+      T* dst = col + row * plane_cols + oh * out_w;
+      const int64_t ih = input_coord(oh, kh, s.stride_h, s.pad_h, s.dilation_h);
+      if (ih < 0 || ih >= s.in_h) {
+        std::fill(dst, dst + out_w, T(0));
+        continue;
+      }
+      const T* src = plane + (ic * s.in_h + ih) * s.in_w + iw0;
+      std::fill(dst, dst + lo, T(0));
+      if (s.stride_w == 1) {
+        std::copy(src + lo, src + hi, dst + lo);
+      } else {
+        for (int64_t ow = lo; ow < hi; ++ow) dst[ow] = src[ow * s.stride_w];
+      }
+      std::fill(dst + hi, dst + out_w, T(0));
+    }
+  }
+}
+
+// plane += col2im(col): the adjoint of im2col.
+template <typename T>
+void col2im_add(const T* col, const ConvShape& s, T* plane) {
+  const int64_t out_w = s.out_w, plane_cols = s.out_plane();
+  for (int64_t row = 0; row < s.patch_size(); ++row) {
+    const int64_t kw = row % s.kernel_w, kh = (row / s.kernel_w) % s.kernel_h;
+    const int64_t ic = row / (s.kernel_w * s.kernel_h);
+    const int64_t iw0 = input_coord(0, kw, s.stride_w, s.pad_w, s.dilation_w);
+    const int64_t lo = std::min(out_w, std::max<int64_t>(0, ceil_div(-iw0, s.stride_w)));
+    const int64_t hi = std::max(lo, std::min(out_w, ceil_div(s.in_w - iw0, s.stride_w)));
+    for (int64_t oh = 0; oh < s.out_h; ++oh) {
+      const int64_t ih = input_coord(oh, kh, s.stride_h, s.pad_h, s.dilation_h);
+      if (ih < 0 || ih >= s.in_h) continue;
+      const T* src = col + row * plane_cols + oh * out_w;
+      T* dst = plane + (ic * s.in_h + ih) * s.in_w + iw0;
+      if (s.stride_w == 1) {
+        for (int64_t ow = lo; ow < hi; ++ow) dst[ow] = dst[ow] + src[ow];
+      } else {
+        for (int64_t ow = lo; ow < hi; ++ow) dst[ow * s.stride_w] = dst[ow * s.stride_w] + src[ow];
+      }
+    }
+  }
+}
+
+bool is_pointwise(const ConvShape& s) {
+  return s.kernel_h == 1 && s.kernel_w == 1 && s.stride_h == 1 && s.stride_w == 1 &&
+         s.pad_h == 0 && s.pad_w == 0;
+}
+
+template <typename T>
+Tensor matrix(const T* data, int64_t rows, int64_t cols, const at::TensorOptions& options) {
+  return at::from_blob(const_cast<T*>(data), {rows, cols}, options);
+}
+
+// Runs body(begin, end) over samples: in parallel, one GEMM per thread, when there are
+// enough samples; otherwise serially, so that each GEMM itself runs multi-threaded.
+template <typename Body>
+void for_each_sample(int64_t batch, const Body& body) {
+  if (batch >= at::get_num_threads()) {
+    at::parallel_for(0, batch, 1, body);
+  } else {
+    body(0, batch);
+  }
+}
+
+template <typename T, typename Fn>
+void gemm_forward(const Fn& fn, const ConvShape& s, const Tensor& input, const Tensor& weight,
+                  const T* bias, const Tensor& output) {
+  using Acc = opmath_t<T>;
+  const auto options = input.options();
+  const int64_t in_pg = s.in_per_group(), out_pg = s.out_per_group(), k = s.patch_size();
+  const int64_t cols = s.out_plane();
+  const bool pointwise = is_pointwise(s);
+  const T* in = input.const_data_ptr<T>();
+  const T* w = weight.const_data_ptr<T>();
+  T* out = output.data_ptr<T>();
+  const bool epilogue = bias != nullptr || !std::is_same_v<Fn, activation::Identity<Acc>>;
+  for_each_sample(s.batch, [&](int64_t begin, int64_t end) {
+    std::vector<T> col(pointwise ? 0 : k * cols);
+    for (int64_t n = begin; n < end; ++n) {
+      for (int64_t g = 0; g < s.groups; ++g) {
+        const T* plane = in + (n * s.in_channels + g * in_pg) * s.in_plane();
+        if (!pointwise) im2col(plane, s, col.data());
+        Tensor result = matrix(out + (n * s.out_channels + g * out_pg) * cols, out_pg, cols, options);
+        at::mm_out(result, matrix(w + g * out_pg * k, out_pg, k, options),
+                   matrix(pointwise ? plane : col.data(), k, cols, options));
+      }
+      if (epilogue) {
+        for (int64_t oc = 0; oc < s.out_channels; ++oc) {
+          finish_row_inplace<T>(fn, bias != nullptr, bias ? static_cast<Acc>(bias[oc]) : Acc(0),
+                                out + (n * s.out_channels + oc) * cols, cols);
+        }
+      }
+    }
+  });
+}
+
+template <typename T, typename Fn>
+void gemm_backward_input(const Fn& fn, const ConvShape& s, const Tensor& grad_output,
+                         const Tensor& weight, const T* bias, const Tensor& grad_input) {
+  using Acc = opmath_t<T>;
+  const auto options = grad_output.options();
+  const int64_t in_pg = s.in_per_group(), out_pg = s.out_per_group(), k = s.patch_size();
+  const int64_t cols = s.out_plane(), in_plane = s.in_plane();
+  const bool pointwise = is_pointwise(s);
+  const T* go = grad_output.const_data_ptr<T>();
+  const T* w = weight.const_data_ptr<T>();
+  T* gi = grad_input.data_ptr<T>();
+  const bool epilogue = bias != nullptr || !std::is_same_v<Fn, activation::Identity<Acc>>;
+  for_each_sample(s.batch, [&](int64_t begin, int64_t end) {
+    std::vector<T> col(pointwise ? 0 : k * cols);
+    for (int64_t n = begin; n < end; ++n) {
+      for (int64_t g = 0; g < s.groups; ++g) {
+        T* plane = gi + (n * s.in_channels + g * in_pg) * in_plane;
+        // col = weight_g^T @ grad_output[n, g]; pointwise: that is the gradient itself.
+        Tensor result = matrix(pointwise ? plane : col.data(), k, cols, options);
+        at::mm_out(result, matrix(w + g * out_pg * k, out_pg, k, options).t(),
+                   matrix(go + (n * s.out_channels + g * out_pg) * cols, out_pg, cols, options));
+        if (!pointwise) {
+          std::fill(plane, plane + in_pg * in_plane, T(0));
+          col2im_add(col.data(), s, plane);
+        }
+      }
+      if (epilogue) {
+        for (int64_t ic = 0; ic < s.in_channels; ++ic) {
+          finish_row_inplace<T>(fn, bias != nullptr, bias ? static_cast<Acc>(bias[ic]) : Acc(0),
+                                gi + (n * s.in_channels + ic) * in_plane, in_plane);
+        }
+      }
+    }
+  });
+}
+
+// grad_weight_g = sum_n grad_output[n, g] @ im2col(input[n, g])^T. The batch is cut into
+// one fixed range per thread, each summing into its own buffer (in opmath); the buffers
+// are then added in range order.
+template <typename T>
+void gemm_backward_weight(const ConvShape& s, const Tensor& input, const Tensor& grad_output,
+                          const Tensor& grad_weight) {
+  using Acc = opmath_t<T>;
+  const auto options = input.options();
+  const auto acc_options = options.dtype(c10::CppTypeToScalarType<Acc>::value);
+  const int64_t in_pg = s.in_per_group(), out_pg = s.out_per_group(), k = s.patch_size();
+  const int64_t cols = s.out_plane();
+  const bool pointwise = is_pointwise(s);
+  const T* in = input.const_data_ptr<T>();
+  const T* go = grad_output.const_data_ptr<T>();
+  const int64_t ranges = std::min<int64_t>(s.batch, at::get_num_threads());
+  Tensor partial = at::zeros({ranges, s.out_channels, k}, acc_options);
+  auto body = [&](int64_t begin, int64_t end) {
+    std::vector<T> col(pointwise ? 0 : k * cols);
+    for (int64_t r = begin; r < end; ++r) {
+      Acc* sums = partial.data_ptr<Acc>() + r * s.out_channels * k;
+      for (int64_t n = r * s.batch / ranges; n < (r + 1) * s.batch / ranges; ++n) {
+        for (int64_t g = 0; g < s.groups; ++g) {
+          const T* plane = in + (n * s.in_channels + g * in_pg) * s.in_plane();
+          if (!pointwise) im2col(plane, s, col.data());
+          const Tensor go_g = matrix(go + (n * s.out_channels + g * out_pg) * cols, out_pg, cols, options);
+          const Tensor col_t = matrix(pointwise ? plane : col.data(), k, cols, options).t();
+          Tensor sum_g = matrix(sums + g * out_pg * k, out_pg, k, acc_options);
+          if constexpr (std::is_same_v<T, Acc>) {
+            at::addmm_out(sum_g, sum_g, go_g, col_t);
+          } else {
+            sum_g.add_(at::mm(go_g, col_t));  // reduced precision: sum in float
+          }
+        }
+      }
+    }
+  };
+  if (ranges > 1) {
+    at::parallel_for(0, ranges, 1, body);
+  } else {
+    body(0, ranges);
+  }
+  grad_weight.view({s.out_channels, k}).copy_(partial.sum(0));
+}
+
+// ---- Entry points ------------------------------------------------------------------------
+
+DirectPlan forward_plan(const ConvShape& s) {
+  return DirectPlan{s.in_h,     s.in_w,     s.pad_h,      s.pad_w,      s.out_h,
+                    s.out_w,    s.kernel_h, s.kernel_w, s.dilation_h, s.dilation_w};
+}
+
+void forward(const ConvShape& s, const Tensor& input, const Tensor& weight, const Tensor& bias,
+             Activation act, double slope, const Tensor& output) {
+  PYOPS_DISPATCH_FLOATING(input.scalar_type(), "pyops_conv2d_forward_cpu", [&] {
+    using Acc = opmath_t<scalar_t>;
+    const scalar_t* b = bias.defined() ? bias.const_data_ptr<scalar_t>() : nullptr;
+    visit_activation<Acc>(act, slope, [&](auto fn) {
+      if (use_direct(s.in_per_group(), s.out_per_group(), s.stride_h, s.stride_w)) {
+        const Tensor w = weight.to(c10::CppTypeToScalarType<Acc>::value).contiguous();
+        direct_forward<scalar_t>(fn, forward_plan(s), s.batch, s.groups, s.in_per_group(),
+                                 s.out_per_group(), input.const_data_ptr<scalar_t>(),
+                                 w.const_data_ptr<Acc>(), b, output.data_ptr<scalar_t>());
+      } else {
+        gemm_forward<scalar_t>(fn, s, input, weight, b, output);
+      }
+    });
+  });
+}
+
+void backward_input(const ConvShape& s, const Tensor& grad_output, const Tensor& weight,
+                    const Tensor& bias, Activation act, double slope, const Tensor& grad_input) {
+  PYOPS_DISPATCH_FLOATING(grad_output.scalar_type(), "pyops_conv2d_backward_input_cpu", [&] {
+    using Acc = opmath_t<scalar_t>;
+    const scalar_t* b = bias.defined() ? bias.const_data_ptr<scalar_t>() : nullptr;
+    visit_activation<Acc>(act, slope, [&](auto fn) {
+      if (use_direct(s.out_per_group(), s.in_per_group(), s.stride_h, s.stride_w)) {
+        // With stride 1 the input gradient is a correlation of grad_output with the
+        // flipped kernel, channels swapped within each group, padded by
+        // dilation * (kernel - 1) - pad (negative: cropped).
+        const Tensor w = weight.to(c10::CppTypeToScalarType<Acc>::value)
+                             .view({s.groups, s.out_per_group(), s.in_per_group(), s.kernel_h,
+                                    s.kernel_w})
+                             .transpose(1, 2)
+                             .flip({3, 4})
+                             .contiguous();
+        const DirectPlan plan{s.out_h,
+                              s.out_w,
+                              s.dilation_h * (s.kernel_h - 1) - s.pad_h,
+                              s.dilation_w * (s.kernel_w - 1) - s.pad_w,
+                              s.in_h,
+                              s.in_w,
+                              s.kernel_h,
+                              s.kernel_w,
+                              s.dilation_h,
+                              s.dilation_w};
+        direct_forward<scalar_t>(fn, plan, s.batch, s.groups, s.out_per_group(),
+                                 s.in_per_group(), grad_output.const_data_ptr<scalar_t>(),
+                                 w.const_data_ptr<Acc>(), b, grad_input.data_ptr<scalar_t>());
+      } else {
+        gemm_backward_input<scalar_t>(fn, s, grad_output, weight, b, grad_input);
+      }
+    });
+  });
+}
+
+void backward_weight(const ConvShape& s, const Tensor& input, const Tensor& grad_output,
+                     const Tensor& grad_weight) {
+  PYOPS_DISPATCH_FLOATING(input.scalar_type(), "pyops_conv2d_backward_weight_cpu", [&] {
+    if (use_direct(s.in_per_group(), s.out_per_group(), s.stride_h, s.stride_w)) {
+      direct_backward_weight<scalar_t>(s, forward_plan(s), input.const_data_ptr<scalar_t>(),
+                                       grad_output.const_data_ptr<scalar_t>(),
+                                       grad_weight.data_ptr<scalar_t>());
+    } else {
+      gemm_backward_weight<scalar_t>(s, input, grad_output, grad_weight);
+    }
+  });
+}
+
+}  // namespace
+
+PYOPS_REGISTER_CPU_KERNEL(forward_kernel, &forward);
+PYOPS_REGISTER_CPU_KERNEL(backward_input_kernel, &backward_input);
+PYOPS_REGISTER_CPU_KERNEL(backward_weight_kernel, &backward_weight);
+
+}  // namespace CPU_CAPABILITY
+}  // namespace pyops::conv
