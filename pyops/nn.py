@@ -6,7 +6,7 @@ import torch
 
 from pyops import functional as F
 
-__all__ = ["ReLU", "LeakyReLU", "Sigmoid", "Tanh"]
+__all__ = ["ReLU", "LeakyReLU", "Sigmoid", "Tanh", "Conv2d", "ConvTranspose2d"]
 
 
 class ReLU(torch.nn.ReLU):
@@ -27,3 +27,24 @@ class Sigmoid(torch.nn.Sigmoid):
 class Tanh(torch.nn.Tanh):
     def forward(self, input):
         return F.tanh(input)
+
+
+class Conv2d(torch.nn.Conv2d):
+    def _conv_forward(self, input, weight, bias):
+        # Non-zero padding modes pad explicitly, then convolve without padding (as torch).
+        if self.padding_mode != "zeros":
+            padded = torch.nn.functional.pad(input, self._reversed_padding_repeated_twice,
+                                             mode=self.padding_mode)
+            return F.conv2d(padded, weight, bias, self.stride, 0, self.dilation, self.groups)
+        return F.conv2d(input, weight, bias, self.stride, self.padding, self.dilation, self.groups)
+
+
+class ConvTranspose2d(torch.nn.ConvTranspose2d):
+    def forward(self, input, output_size=None):
+        if self.padding_mode != "zeros":
+            raise ValueError("Only `zeros` padding mode is supported for ConvTranspose2d")
+        # torch's own helper turns output_size into the output_padding that reaches it.
+        output_padding = self._output_padding(input, output_size, self.stride, self.padding,
+                                              self.kernel_size, 2, self.dilation)
+        return F.conv_transpose2d(input, self.weight, self.bias, self.stride, self.padding,
+                                  output_padding, self.groups, self.dilation)

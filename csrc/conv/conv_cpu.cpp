@@ -280,58 +280,87 @@ void direct_backward_weight(const ConvShape& s, const DirectPlan& p, const T* in
 }
 
 // ---- im2col + GEMM path ----------------------------------------------------------------
+// The columns (output positions oh * out_w + ow) of a sample are cut into tiles whose
+// im2col block fits in L2, so the block is still in cache when the GEMM reads it, and
+// the GEMM's result tile when the epilogue reads it.
 
-// col[row, oh * out_w + ow] for one sample and group (conv.h's index math, row by row).
-template <typename T>
-void im2col(const T* plane, const ConvShape& s, T* col) {
-  const int64_t out_w = s.out_w, plane_cols = s.out_plane();
-  for (int64_t row = 0; row < s.patch_size(); ++row) {
-    const int64_t kw = row % s.kernel_w, kh = (row / s.kernel_w) % s.kernel_h;
-    const int64_t ic = row / (s.kernel_w * s.kernel_h);
-    const int64_t iw0 = input_coord(0, kw, s.stride_w, s.pad_w, s.dilation_w);
-    // Columns [lo, hi) read inside the input row.
-    const int64_t lo = std::min(out_w, std::max<int64_t>(0, ceil_div(-iw0, s.stride_w)));
-    const int64_t hi = std::max(lo, std::min(out_w, ceil_div(s.in_w - iw0, s.stride_w)));
-    for (int64_t oh = 0; oh < s.out_h; ++oh) {
-      T* dst = col + row * plane_cols + oh * out_w;
-      const int64_t ih = input_coord(oh, kh, s.stride_h, s.pad_h, s.dilation_h);
-      if (ih < 0 || ih >= s.in_h) {
-        std::fill(dst, dst + out_w, T(0));
-        continue;
-      }
-      const T* src = plane + (ic * s.in_h + ih) * s.in_w + iw0;
-      std::fill(dst, dst + lo, T(0));
-      if (s.stride_w == 1) {
-        std::copy(src + lo, src + hi, dst + lo);
-      } else {
-        for (int64_t ow = lo; ow < hi; ++ow) dst[ow] = src[ow * s.stride_w];
-      }
-      std::fill(dst + hi, dst + out_w, T(0));
-    }
+int64_t column_tile(int64_t patch_size, int64_t columns, int64_t element_bytes) {
+  constexpr int64_t kL2Budget = 384 * 1024;  // bytes of im2col block, under half of L2
+  const int64_t tile = std::max<int64_t>(64, kL2Budget / (element_bytes * std::max<int64_t>(1, patch_size)));
+  return std::min(columns, round_up(tile, 16));
+}
+
+// Calls body(row, oh, ow_begin, ow_end, col_offset) for the runs of columns [begin, end)
+// that lie in one output row, col_offset being the run's first column minus `begin`.
+template <typename Body>
+void for_each_run(const ConvShape& s, int64_t begin, int64_t end, const Body& body) {
+  for (int64_t c = begin; c < end;) {
+    const int64_t oh = c / s.out_w, ow = c % s.out_w;
+    const int64_t ow_end = std::min(s.out_w, ow + (end - c));
+    body(oh, ow, ow_end, c - begin);
+    c += ow_end - ow;
   }
 }
 
-// plane += col2im(col): the adjoint of im2col.
+// Input columns [lo, hi) of output row positions that read inside the input row, for
+// kernel column kw (conv.h's index math solved for ow).
+std::pair<int64_t, int64_t> inside_columns(const ConvShape& s, int64_t kw) {
+  const int64_t iw0 = input_coord(0, kw, s.stride_w, s.pad_w, s.dilation_w);
+  const int64_t lo = std::min(s.out_w, std::max<int64_t>(0, ceil_div(-iw0, s.stride_w)));
+  const int64_t hi = std::max(lo, std::min(s.out_w, ceil_div(s.in_w - iw0, s.stride_w)));
+  return {lo, hi};
+}
+
+// col[row, j] = im2col value of column begin + j, for one sample and group; `ld` is the
+// row stride of col.
 template <typename T>
-void col2im_add(const T* col, const ConvShape& s, T* plane) {
-  const int64_t out_w = s.out_w, plane_cols = s.out_plane();
+void im2col(const T* plane, const ConvShape& s, int64_t begin, int64_t end, T* col, int64_t ld) {
   for (int64_t row = 0; row < s.patch_size(); ++row) {
     const int64_t kw = row % s.kernel_w, kh = (row / s.kernel_w) % s.kernel_h;
     const int64_t ic = row / (s.kernel_w * s.kernel_h);
     const int64_t iw0 = input_coord(0, kw, s.stride_w, s.pad_w, s.dilation_w);
-    const int64_t lo = std::min(out_w, std::max<int64_t>(0, ceil_div(-iw0, s.stride_w)));
-    const int64_t hi = std::max(lo, std::min(out_w, ceil_div(s.in_w - iw0, s.stride_w)));
-    for (int64_t oh = 0; oh < s.out_h; ++oh) {
+    const auto [lo, hi] = inside_columns(s, kw);
+    for_each_run(s, begin, end, [&](int64_t oh, int64_t ow0, int64_t ow1, int64_t offset) {
+      T* dst = col + row * ld + offset - ow0;  // dst[ow] for ow in [ow0, ow1)
       const int64_t ih = input_coord(oh, kh, s.stride_h, s.pad_h, s.dilation_h);
-      if (ih < 0 || ih >= s.in_h) continue;
-      const T* src = col + row * plane_cols + oh * out_w;
-      T* dst = plane + (ic * s.in_h + ih) * s.in_w + iw0;
-      if (s.stride_w == 1) {
-        for (int64_t ow = lo; ow < hi; ++ow) dst[ow] = dst[ow] + src[ow];
-      } else {
-        for (int64_t ow = lo; ow < hi; ++ow) dst[ow * s.stride_w] = dst[ow * s.stride_w] + src[ow];
+      if (ih < 0 || ih >= s.in_h) {
+        std::fill(dst + ow0, dst + ow1, T(0));
+        return;
       }
-    }
+      const T* src = plane + (ic * s.in_h + ih) * s.in_w + iw0;
+      const int64_t a = std::clamp(lo, ow0, ow1), b = std::clamp(hi, a, ow1);
+      std::fill(dst + ow0, dst + a, T(0));
+      if (s.stride_w == 1) {
+        std::copy(src + a, src + b, dst + a);
+      } else {
+        for (int64_t ow = a; ow < b; ++ow) dst[ow] = src[ow * s.stride_w];
+      }
+      std::fill(dst + b, dst + ow1, T(0));
+    });
+  }
+}
+
+// plane += col2im(col) for columns [begin, end): the adjoint of im2col.
+template <typename T>
+void col2im_add(const T* col, int64_t ld, const ConvShape& s, int64_t begin, int64_t end,
+                T* plane) {
+  for (int64_t row = 0; row < s.patch_size(); ++row) {
+    const int64_t kw = row % s.kernel_w, kh = (row / s.kernel_w) % s.kernel_h;
+    const int64_t ic = row / (s.kernel_w * s.kernel_h);
+    const int64_t iw0 = input_coord(0, kw, s.stride_w, s.pad_w, s.dilation_w);
+    const auto [lo, hi] = inside_columns(s, kw);
+    for_each_run(s, begin, end, [&](int64_t oh, int64_t ow0, int64_t ow1, int64_t offset) {
+      const int64_t ih = input_coord(oh, kh, s.stride_h, s.pad_h, s.dilation_h);
+      if (ih < 0 || ih >= s.in_h) return;
+      const T* src = col + row * ld + offset - ow0;
+      T* dst = plane + (ic * s.in_h + ih) * s.in_w + iw0;
+      const int64_t a = std::clamp(lo, ow0, ow1), b = std::clamp(hi, a, ow1);
+      if (s.stride_w == 1) {
+        for (int64_t ow = a; ow < b; ++ow) dst[ow] = dst[ow] + src[ow];
+      } else {
+        for (int64_t ow = a; ow < b; ++ow) dst[ow * s.stride_w] = dst[ow * s.stride_w] + src[ow];
+      }
+    });
   }
 }
 
@@ -340,22 +369,25 @@ bool is_pointwise(const ConvShape& s) {
          s.pad_h == 0 && s.pad_w == 0;
 }
 
+// A rows x cols matrix view of memory with row stride ld (no copy).
 template <typename T>
-Tensor matrix(const T* data, int64_t rows, int64_t cols, const at::TensorOptions& options) {
-  return at::from_blob(const_cast<T*>(data), {rows, cols}, options);
+Tensor matrix(const T* data, int64_t rows, int64_t cols, int64_t ld,
+              const at::TensorOptions& options) {
+  return at::from_blob(const_cast<T*>(data), {rows, cols}, {ld, 1}, options);
 }
 
-// Runs body(begin, end) over samples: in parallel, one GEMM per thread, when there are
-// enough samples; otherwise serially, so that each GEMM itself runs multi-threaded.
+// Runs body(begin, end) over `tasks`: in parallel when there are enough of them for every
+// thread, otherwise serially, so that each GEMM itself runs multi-threaded.
 template <typename Body>
-void for_each_sample(int64_t batch, const Body& body) {
-  if (batch >= at::get_num_threads()) {
-    at::parallel_for(0, batch, 1, body);
+void for_each_task(int64_t tasks, const Body& body) {
+  if (tasks >= at::get_num_threads()) {
+    at::parallel_for(0, tasks, 1, body);
   } else {
-    body(0, batch);
+    body(0, tasks);
   }
 }
 
+// Tasks are (sample, column tile); each does every group of its tile.
 template <typename T, typename Fn>
 void gemm_forward(const Fn& fn, const ConvShape& s, const Tensor& input, const Tensor& weight,
                   const T* bias, const Tensor& output) {
@@ -363,31 +395,43 @@ void gemm_forward(const Fn& fn, const ConvShape& s, const Tensor& input, const T
   const auto options = input.options();
   const int64_t in_pg = s.in_per_group(), out_pg = s.out_per_group(), k = s.patch_size();
   const int64_t cols = s.out_plane();
+  const int64_t tile = column_tile(k, cols, sizeof(T));
+  const int64_t tiles = ceil_div(cols, tile);
   const bool pointwise = is_pointwise(s);
   const T* in = input.const_data_ptr<T>();
   const T* w = weight.const_data_ptr<T>();
   T* out = output.data_ptr<T>();
-  const bool epilogue = bias != nullptr || !std::is_same_v<Fn, activation::Identity<Acc>>;
-  for_each_sample(s.batch, [&](int64_t begin, int64_t end) {
-    std::vector<T> col(pointwise ? 0 : k * cols);
-    for (int64_t n = begin; n < end; ++n) {
+  for_each_task(s.batch * tiles, [&](int64_t begin, int64_t end) {
+    std::vector<T> col(pointwise ? 0 : k * tile);
+    std::vector<T> result(out_pg * tile);
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t n = task / tiles, c0 = (task % tiles) * tile;
+      const int64_t width = std::min(tile, cols - c0);
       for (int64_t g = 0; g < s.groups; ++g) {
         const T* plane = in + (n * s.in_channels + g * in_pg) * s.in_plane();
-        if (!pointwise) im2col(plane, s, col.data());
-        Tensor result = matrix(out + (n * s.out_channels + g * out_pg) * cols, out_pg, cols, options);
-        at::mm_out(result, matrix(w + g * out_pg * k, out_pg, k, options),
-                   matrix(pointwise ? plane : col.data(), k, cols, options));
-      }
-      if (epilogue) {
-        for (int64_t oc = 0; oc < s.out_channels; ++oc) {
-          finish_row_inplace<T>(fn, bias != nullptr, bias ? static_cast<Acc>(bias[oc]) : Acc(0),
-                                out + (n * s.out_channels + oc) * cols, cols);
+        if (!pointwise) im2col(plane, s, c0, c0 + width, col.data(), width);
+        Tensor result_g = matrix(result.data(), out_pg, width, width, options);
+        at::mm_out(result_g, matrix(w + g * out_pg * k, out_pg, k, k, options),
+                   pointwise ? matrix(plane + c0, k, width, cols, options)
+                             : matrix(col.data(), k, width, width, options));
+        for (int64_t o = 0; o < out_pg; ++o) {
+          const int64_t oc = g * out_pg + o;
+          const Acc b = bias ? static_cast<Acc>(bias[oc]) : Acc(0);
+          T* dst = out + (n * s.out_channels + oc) * cols + c0;
+          const T* src = result.data() + o * width;
+          if (bias) {
+            map_range([fn, b](auto x) { using V = decltype(x); return fn.forward(x + V(b)); },
+                      width, dst, src);
+          } else {
+            map_range([fn](auto x) { return fn.forward(x); }, width, dst, src);
+          }
         }
       }
     }
   });
 }
 
+// Tasks are samples (the tiles of a sample overlap in the input gradient).
 template <typename T, typename Fn>
 void gemm_backward_input(const Fn& fn, const ConvShape& s, const Tensor& grad_output,
                          const Tensor& weight, const T* bias, const Tensor& grad_input) {
@@ -395,23 +439,30 @@ void gemm_backward_input(const Fn& fn, const ConvShape& s, const Tensor& grad_ou
   const auto options = grad_output.options();
   const int64_t in_pg = s.in_per_group(), out_pg = s.out_per_group(), k = s.patch_size();
   const int64_t cols = s.out_plane(), in_plane = s.in_plane();
+  const int64_t tile = column_tile(k, cols, sizeof(T));
   const bool pointwise = is_pointwise(s);
   const T* go = grad_output.const_data_ptr<T>();
   const T* w = weight.const_data_ptr<T>();
   T* gi = grad_input.data_ptr<T>();
   const bool epilogue = bias != nullptr || !std::is_same_v<Fn, activation::Identity<Acc>>;
-  for_each_sample(s.batch, [&](int64_t begin, int64_t end) {
-    std::vector<T> col(pointwise ? 0 : k * cols);
+  for_each_task(s.batch, [&](int64_t begin, int64_t end) {
+    std::vector<T> col(pointwise ? 0 : k * tile);
     for (int64_t n = begin; n < end; ++n) {
       for (int64_t g = 0; g < s.groups; ++g) {
         T* plane = gi + (n * s.in_channels + g * in_pg) * in_plane;
-        // col = weight_g^T @ grad_output[n, g]; pointwise: that is the gradient itself.
-        Tensor result = matrix(pointwise ? plane : col.data(), k, cols, options);
-        at::mm_out(result, matrix(w + g * out_pg * k, out_pg, k, options).t(),
-                   matrix(go + (n * s.out_channels + g * out_pg) * cols, out_pg, cols, options));
-        if (!pointwise) {
-          std::fill(plane, plane + in_pg * in_plane, T(0));
-          col2im_add(col.data(), s, plane);
+        const Tensor weight_t = matrix(w + g * out_pg * k, out_pg, k, k, options).t();
+        const T* grad = go + (n * s.out_channels + g * out_pg) * cols;
+        if (pointwise) {  // the gradient is weight_g^T @ grad_output[n, g] itself
+          Tensor result = matrix(plane, k, cols, cols, options);
+          at::mm_out(result, weight_t, matrix(grad, out_pg, cols, cols, options));
+          continue;
+        }
+        std::fill(plane, plane + in_pg * in_plane, T(0));
+        for (int64_t c0 = 0; c0 < cols; c0 += tile) {
+          const int64_t width = std::min(tile, cols - c0);
+          Tensor result = matrix(col.data(), k, width, width, options);
+          at::mm_out(result, weight_t, matrix(grad + c0, out_pg, width, cols, options));
+          col2im_add(col.data(), width, s, c0, c0 + width, plane);
         }
       }
       if (epilogue) {
@@ -435,26 +486,32 @@ void gemm_backward_weight(const ConvShape& s, const Tensor& input, const Tensor&
   const auto acc_options = options.dtype(c10::CppTypeToScalarType<Acc>::value);
   const int64_t in_pg = s.in_per_group(), out_pg = s.out_per_group(), k = s.patch_size();
   const int64_t cols = s.out_plane();
+  const int64_t tile = column_tile(k, cols, sizeof(T));
   const bool pointwise = is_pointwise(s);
   const T* in = input.const_data_ptr<T>();
   const T* go = grad_output.const_data_ptr<T>();
   const int64_t ranges = std::min<int64_t>(s.batch, at::get_num_threads());
   Tensor partial = at::zeros({ranges, s.out_channels, k}, acc_options);
   auto body = [&](int64_t begin, int64_t end) {
-    std::vector<T> col(pointwise ? 0 : k * cols);
+    std::vector<T> col(pointwise ? 0 : k * tile);
     for (int64_t r = begin; r < end; ++r) {
       Acc* sums = partial.data_ptr<Acc>() + r * s.out_channels * k;
       for (int64_t n = r * s.batch / ranges; n < (r + 1) * s.batch / ranges; ++n) {
         for (int64_t g = 0; g < s.groups; ++g) {
           const T* plane = in + (n * s.in_channels + g * in_pg) * s.in_plane();
-          if (!pointwise) im2col(plane, s, col.data());
-          const Tensor go_g = matrix(go + (n * s.out_channels + g * out_pg) * cols, out_pg, cols, options);
-          const Tensor col_t = matrix(pointwise ? plane : col.data(), k, cols, options).t();
-          Tensor sum_g = matrix(sums + g * out_pg * k, out_pg, k, acc_options);
-          if constexpr (std::is_same_v<T, Acc>) {
-            at::addmm_out(sum_g, sum_g, go_g, col_t);
-          } else {
-            sum_g.add_(at::mm(go_g, col_t));  // reduced precision: sum in float
+          const T* grad = go + (n * s.out_channels + g * out_pg) * cols;
+          Tensor sum_g = matrix(sums + g * out_pg * k, out_pg, k, k, acc_options);
+          for (int64_t c0 = 0; c0 < cols; c0 += tile) {
+            const int64_t width = std::min(tile, cols - c0);
+            if (!pointwise) im2col(plane, s, c0, c0 + width, col.data(), width);
+            const Tensor grad_tile = matrix(grad + c0, out_pg, width, cols, options);
+            const Tensor col_t = pointwise ? matrix(plane + c0, k, width, cols, options).t()
+                                           : matrix(col.data(), k, width, width, options).t();
+            if constexpr (std::is_same_v<T, Acc>) {
+              at::addmm_out(sum_g, sum_g, grad_tile, col_t);
+            } else {
+              sum_g.add_(at::mm(grad_tile, col_t));  // reduced precision: sum in float
+            }
           }
         }
       }

@@ -144,7 +144,7 @@ ConvShape conv_shape(const Tensor& input, const Tensor& weight, const ConvArgs& 
 // Outputs are channels-last when the input or the weight is (as torch's CPU and cuDNN
 // convolutions choose); pyops/_fake/conv.py applies the same rule.
 bool is_channels_last(const Tensor& t) {
-  return t.dim() == 4 && !t.is_contiguous() && t.is_contiguous(at::MemoryFormat::ChannelsLast);
+  return t.dim() == 4 && t.suggest_memory_format() == at::MemoryFormat::ChannelsLast;
 }
 bool use_channels_last(const Tensor& input, const Tensor& weight) {
   return is_channels_last(input) || is_channels_last(weight);
@@ -438,15 +438,26 @@ struct ConvBackwardFunction : torch::autograd::Function<ConvBackwardFunction> {
     }
     ctx->save_for_backward({grad, input, weight});
     save_args(ctx, stride, padding, dilation, groups);
-    return {value_or_undefined(std::get<0>(result)), value_or_undefined(std::get<1>(result)),
-            value_or_undefined(std::get<2>(result))};
+    ctx->saved_data["mask"] = c10::List<bool>({mask[0], mask[1], mask[2]});
+    // Only the computed gradients are outputs of the node (autograd takes no undefined
+    // outputs); backward maps them back by the mask.
+    variable_list outputs;
+    for (const OptionalTensor& t : {std::get<0>(result), std::get<1>(result), std::get<2>(result)}) {
+      if (t.has_value()) outputs.push_back(*t);
+    }
+    return outputs;
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
     const auto saved = ctx->get_saved_variables();
     const Tensor &grad = saved[0], &input = saved[1], &weight = saved[2];
     const SavedArgs a = load_args(ctx);
-    const Tensor &up_input = grads[0], &up_weight = grads[1], &up_bias = grads[2];
+    const auto mask = ctx->saved_data["mask"].toBoolList();
+    Tensor upstream[3];
+    for (size_t i = 0, next = 0; i < 3; ++i) {
+      if (mask[i]) upstream[i] = grads[next++];
+    }
+    const Tensor &up_input = upstream[0], &up_weight = upstream[1], &up_bias = upstream[2];
     Tensor d_grad, d_input, d_weight;
     auto accumulate = [](Tensor& into, const Tensor& term) {
       if (term.defined()) into = into.defined() ? into.add(term) : term;
@@ -583,10 +594,11 @@ BackwardResult conv2d_backward_autograd(const Tensor& grad_output, const Tensor&
   }
   auto outputs = ConvBackwardFunction::apply(grad_output, input, weight, stride, padding,
                                              dilation, groups, mask);
-  auto optional = [&](int i) {
-    return mask[i] ? OptionalTensor(outputs[i]) : OptionalTensor();
-  };
-  return {optional(0), optional(1), optional(2)};
+  OptionalTensor result[3];
+  for (size_t i = 0, next = 0; i < 3; ++i) {
+    if (mask[i]) result[i] = outputs[next++];
+  }
+  return {result[0], result[1], result[2]};
 }
 
 }  // namespace

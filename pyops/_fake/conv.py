@@ -1,6 +1,7 @@
 """Fake kernels of the convolution family (the shape and layout rules of conv_ops.cpp)."""
 
 import torch
+from torch._prims_common import suggest_memory_format
 from torch.library import register_fake
 
 
@@ -10,7 +11,7 @@ def _pair(values):
 
 
 def _channels_last(t):
-    return t.dim() == 4 and not t.is_contiguous() and t.is_contiguous(memory_format=torch.channels_last)
+    return t.dim() == 4 and suggest_memory_format(t) == torch.channels_last
 
 
 def _new(shape, input, weight):
