@@ -57,25 +57,7 @@ bool use_direct(int64_t in_per_group, int64_t out_per_group, int64_t stride_h, i
 
 // ---- Epilogue ------------------------------------------------------------------------
 
-// out[i] = act(acc[i] + bias) for a row of n values; `acc` may be overwritten.
-template <typename T, typename Fn>
-void finish_row(const Fn& fn, bool has_bias, opmath_t<T> bias, opmath_t<T>* acc, T* out,
-                int64_t n) {
-  using Acc = opmath_t<T>;
-  Acc* dst = acc;
-  if constexpr (std::is_same_v<T, Acc>) dst = out;
-  if (has_bias) {
-    map_range([fn, bias](auto x) { using V = decltype(x); return fn.forward(x + V(bias)); }, n,
-              dst, acc);
-  } else {
-    map_range([fn](auto x) { return fn.forward(x); }, n, dst, acc);
-  }
-  if constexpr (!std::is_same_v<T, Acc>) {
-    for (int64_t i = 0; i < n; ++i) out[i] = static_cast<T>(acc[i]);
-  }
-}
-
-// out[i] = act(out[i] + bias) in place, for GEMM results.
+// out[i] = act(out[i] + bias) in place.
 template <typename T, typename Fn>
 void finish_row_inplace(const Fn& fn, bool has_bias, opmath_t<T> bias, T* out, int64_t n) {
   if (has_bias) {
@@ -107,18 +89,45 @@ int64_t staged_stride(const DirectPlan& p) {
   return p.staged_h() * p.staged_w() + Vectorized<Acc>::size();
 }
 
+// dst[r * pitch + c] = src[r * cols + c] for r < rows, c < cols; zero elsewhere in
+// [0, total). One write per element: staging is as costly as a few taps otherwise.
+template <typename T, typename Acc>
+void copy_rows(const T* src, int64_t rows, int64_t cols, int64_t pitch, int64_t left, Acc* dst,
+               int64_t total) {
+  Acc* out = dst;
+  for (int64_t r = 0; r < rows; ++r) {
+    Acc* row = dst + r * pitch + left;
+    std::fill(out, row, Acc(0));
+    std::copy(src + r * cols, src + (r + 1) * cols, row);  // converts to Acc
+    out = row + cols;
+  }
+  std::fill(out, dst + total, Acc(0));
+}
+
 template <typename T, typename Acc>
 void stage_plane(const T* src, const DirectPlan& p, Acc* dst) {
-  const int64_t hp = p.staged_h(), wp = p.staged_w();
-  std::fill(dst, dst + staged_stride<Acc>(p), Acc(0));
-  const int64_t x_lo = std::max<int64_t>(0, p.pad_left);
-  const int64_t x_hi = std::min<int64_t>(wp, p.pad_left + p.src_w);
-  for (int64_t y = 0; y < hp; ++y) {
-    const int64_t sy = y - p.pad_top;
-    if (sy < 0 || sy >= p.src_h) continue;
-    const T* row = src + sy * p.src_w - p.pad_left;
-    for (int64_t x = x_lo; x < x_hi; ++x) dst[y * wp + x] = static_cast<Acc>(row[x]);
+  // Source rows and columns that land inside the staged plane (pads may be negative).
+  const int64_t y0 = std::max<int64_t>(0, -p.pad_top);
+  const int64_t y1 = std::min(p.src_h, p.staged_h() - p.pad_top);
+  const int64_t x0 = std::max<int64_t>(0, -p.pad_left);
+  const int64_t x1 = std::min(p.src_w, p.staged_w() - p.pad_left);
+  const int64_t total = staged_stride<Acc>(p);
+  if (y1 <= y0 || x1 <= x0) {
+    std::fill(dst, dst + total, Acc(0));
+    return;
   }
+  const int64_t wp = p.staged_w();
+  Acc* first = dst + (y0 + p.pad_top) * wp;
+  std::fill(dst, first, Acc(0));
+  Acc* out = first;
+  for (int64_t y = y0; y < y1; ++y) {
+    Acc* row = first + (y - y0) * wp;
+    Acc* begin = row + x0 + p.pad_left;
+    std::fill(out, begin, Acc(0));
+    std::copy(src + y * p.src_w + x0, src + y * p.src_w + x1, begin);
+    out = begin + (x1 - x0);
+  }
+  std::fill(out, dst + total, Acc(0));
 }
 
 // wide[j] = sum_{ic, kh, kw} weights[ic, kh, kw] * staged[ic][j + tap offset], for j up to
@@ -198,30 +207,50 @@ void direct_forward(const Fn& fn, const DirectPlan& p, int64_t batch, int64_t gr
         correlate_wide(p, in_per_group, staged.data(), stride, weights + oc * in_per_group * taps,
                        wide.data());
         T* out = output + (n * groups * out_per_group + oc) * out_plane;
+        // Bias + activation over the whole wide buffer (full vectors, no per-row tails),
+        // then the valid columns of each row are copied out.
         const Acc b = bias ? static_cast<Acc>(bias[oc]) : Acc(0);
+        finish_row_inplace<Acc>(fn, bias != nullptr, b, wide.data(),
+                                static_cast<int64_t>(wide.size()));
         for (int64_t oh = 0; oh < p.out_h; ++oh) {
-          finish_row<T>(fn, bias != nullptr, b, wide.data() + oh * wp, out + oh * p.out_w,
-                        p.out_w);
+          std::copy(wide.data() + oh * wp, wide.data() + oh * wp + p.out_w, out + oh * p.out_w);
         }
       }
     }
   });
 }
 
-template <typename Acc>
-Acc dot(const Acc* a, const Acc* b, int64_t len) {  // len: a whole number of vectors
+// out[t] += <grad, shifted[t]> for kCount taps, each gradient vector loaded once.
+// `len` is a whole number of vectors.
+template <int kCount, typename Acc>
+void dots(const Acc* grad, const Acc* const* shifted, int64_t len, Acc* out) {
   using Vec = Vectorized<Acc>;
   constexpr int64_t kV = Vec::size();
-  Vec s0(Acc(0)), s1(Acc(0)), s2(Acc(0)), s3(Acc(0));
-  int64_t j = 0;
-  for (; j + 4 * kV <= len; j += 4 * kV) {
-    s0 = at::vec::fmadd(Vec::loadu(a + j), Vec::loadu(b + j), s0);
-    s1 = at::vec::fmadd(Vec::loadu(a + j + kV), Vec::loadu(b + j + kV), s1);
-    s2 = at::vec::fmadd(Vec::loadu(a + j + 2 * kV), Vec::loadu(b + j + 2 * kV), s2);
-    s3 = at::vec::fmadd(Vec::loadu(a + j + 3 * kV), Vec::loadu(b + j + 3 * kV), s3);
+  Vec acc[kCount];
+  for (int t = 0; t < kCount; ++t) acc[t] = Vec(Acc(0));
+  for (int64_t j = 0; j < len; j += kV) {
+    const Vec g = Vec::loadu(grad + j);
+    for (int t = 0; t < kCount; ++t) acc[t] = at::vec::fmadd(g, Vec::loadu(shifted[t] + j), acc[t]);
   }
-  for (; j < len; j += kV) s0 = at::vec::fmadd(Vec::loadu(a + j), Vec::loadu(b + j), s0);
-  return cpu::detail::lane_sum((s0 + s1) + (s2 + s3));
+  for (int t = 0; t < kCount; ++t) out[t] += cpu::detail::lane_sum(acc[t]);
+}
+
+template <typename Acc>
+void dots_any(const Acc* grad, const Acc* const* shifted, int64_t count, int64_t len, Acc* out) {
+  constexpr int64_t kMax = 8;
+  for (; count >= kMax; count -= kMax, shifted += kMax, out += kMax) {
+    dots<kMax>(grad, shifted, len, out);
+  }
+  switch (count) {
+    case 7: return dots<7>(grad, shifted, len, out);
+    case 6: return dots<6>(grad, shifted, len, out);
+    case 5: return dots<5>(grad, shifted, len, out);
+    case 4: return dots<4>(grad, shifted, len, out);
+    case 3: return dots<3>(grad, shifted, len, out);
+    case 2: return dots<2>(grad, shifted, len, out);
+    case 1: return dots<1>(grad, shifted, len, out);
+    default: return;
+  }
 }
 
 // grad_weight[oc, ic, kh, kw] = sum_n <grad_output[n, oc], input[n, ic] shifted by the tap>.
@@ -243,6 +272,16 @@ void direct_backward_weight(const ConvShape& s, const DirectPlan& p, const T* in
     std::vector<Acc> staged(in_pg * stride);
     std::vector<Acc> grad_wide(len);
     std::vector<Acc> sums(chunk * in_pg * taps);
+    // The staged input shifted by each (ic, kh, kw): the patch rows of im2col, in place.
+    std::vector<const Acc*> shifted(in_pg * taps);
+    for (int64_t ic = 0; ic < in_pg; ++ic) {
+      for (int64_t kh = 0; kh < p.kernel_h; ++kh) {
+        for (int64_t kw = 0; kw < p.kernel_w; ++kw) {
+          shifted[(ic * p.kernel_h + kh) * p.kernel_w + kw] =
+              staged.data() + ic * stride + kh * p.dilation_h * wp + kw * p.dilation_w;
+        }
+      }
+    }
     for (int64_t task = begin; task < end; ++task) {
       const int64_t g = task / chunks, c = task % chunks;
       const int64_t o_begin = c * chunk, o_end = std::min(out_pg, o_begin + chunk);
@@ -254,23 +293,9 @@ void direct_backward_weight(const ConvShape& s, const DirectPlan& p, const T* in
         }
         for (int64_t o = o_begin; o < o_end; ++o) {
           const T* go = grad_output + (n * s.out_channels + g * out_pg + o) * s.out_plane();
-          std::fill(grad_wide.begin(), grad_wide.end(), Acc(0));
-          for (int64_t oh = 0; oh < s.out_h; ++oh) {
-            for (int64_t ow = 0; ow < s.out_w; ++ow) {
-              grad_wide[oh * wp + ow] = static_cast<Acc>(go[oh * s.out_w + ow]);
-            }
-          }
-          Acc* sum = sums.data() + (o - o_begin) * in_pg * taps;
-          for (int64_t ic = 0; ic < in_pg; ++ic) {
-            for (int64_t kh = 0; kh < p.kernel_h; ++kh) {
-              for (int64_t kw = 0; kw < p.kernel_w; ++kw) {
-                const Acc* shifted = staged.data() + ic * stride + kh * p.dilation_h * wp +
-                                     kw * p.dilation_w;
-                sum[(ic * p.kernel_h + kh) * p.kernel_w + kw] +=
-                    dot(grad_wide.data(), shifted, len);
-              }
-            }
-          }
+          copy_rows(go, s.out_h, s.out_w, wp, 0, grad_wide.data(), len);
+          dots_any(grad_wide.data(), shifted.data(), in_pg * taps, len,
+                   sums.data() + (o - o_begin) * in_pg * taps);
         }
       }
       T* gw = grad_weight + (g * out_pg + o_begin) * in_pg * taps;
