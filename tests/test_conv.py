@@ -152,11 +152,6 @@ def test_conv_transpose2d_matches_native(case, bias, device):
         assert_near(g, r, torch.float32)
 
 
-def _low_precision_dtypes(device):
-    # CPU: bfloat16 (float16 too, through ATen's GEMM); CUDA: both.
-    return [torch.float64, torch.bfloat16, torch.float16]
-
-
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16, torch.float16], ids=dtype_id)
 @pytest.mark.parametrize("case", [c for c in CONV_CASES if c[0] in
