@@ -7,8 +7,10 @@ from torch.nn.modules.pooling import _MaxPoolNd
 
 from pyops import functional as F
 
-__all__ = ["ReLU", "LeakyReLU", "Sigmoid", "Tanh", "Dropout", "LogSoftmax", "Linear", "MaxPool2d",
-           "MinPool2d", "AvgPool2d"]
+__all__ = [
+    "ReLU", "LeakyReLU", "Sigmoid", "Tanh", "Dropout", "LogSoftmax", "Linear",
+    "MaxPool2d", "MinPool2d", "AvgPool2d", "Conv2d", "ConvTranspose2d",
+]
 
 
 class ReLU(torch.nn.ReLU):
@@ -67,3 +69,24 @@ class AvgPool2d(torch.nn.AvgPool2d):
 class Linear(torch.nn.Linear):
     def forward(self, input):
         return F.linear(input, self.weight, self.bias)
+
+
+class Conv2d(torch.nn.Conv2d):
+    def _conv_forward(self, input, weight, bias):
+        # Non-zero padding modes pad explicitly, then convolve without padding (as torch).
+        if self.padding_mode != "zeros":
+            padded = torch.nn.functional.pad(input, self._reversed_padding_repeated_twice,
+                                             mode=self.padding_mode)
+            return F.conv2d(padded, weight, bias, self.stride, 0, self.dilation, self.groups)
+        return F.conv2d(input, weight, bias, self.stride, self.padding, self.dilation, self.groups)
+
+
+class ConvTranspose2d(torch.nn.ConvTranspose2d):
+    def forward(self, input, output_size=None):
+        if self.padding_mode != "zeros":
+            raise ValueError("Only `zeros` padding mode is supported for ConvTranspose2d")
+        # torch's own helper turns output_size into the output_padding that reaches it.
+        output_padding = self._output_padding(input, output_size, self.stride, self.padding,
+                                              self.kernel_size, 2, self.dilation)
+        return F.conv_transpose2d(input, self.weight, self.bias, self.stride, self.padding,
+                                  output_padding, self.groups, self.dilation)

@@ -11,6 +11,7 @@ from pyops.functional.activation import (  # noqa: F401
     sigmoid,
     tanh,
 )
+from pyops.functional.conv import conv2d, conv2d_bias_act, conv_transpose2d  # noqa: F401
 from pyops.functional.dropout import dropout  # noqa: F401
 from pyops.functional.linear import linear, linear_act  # noqa: F401
 from pyops.functional.pool import (  # noqa: F401
@@ -24,6 +25,8 @@ from pyops.functional.softmax import log_softmax, log_softmax_nll_loss  # noqa: 
 __all__ = [
     # activation
     "relu", "relu_", "leaky_relu", "leaky_relu_", "sigmoid", "tanh", "bias_act",
+    # conv
+    "conv2d", "conv_transpose2d", "conv2d_bias_act",
     # dropout
     "dropout",
     # linear

@@ -1,0 +1,360 @@
+// CUDA kernels of the convolution family. Each pass is an implicit GEMM (no im2col
+// buffer: operand tiles are gathered straight into shared memory with conv.h's index
+// math), with the bias + activation epilogue (activation.h's functors) applied as the
+// output tile leaves registers; depthwise convolutions (one input channel per group) use
+// a direct kernel instead. Accumulation is in opmath_t (float for half and bfloat16).
+//
+//   pass              GEMM per group g                 M           N                K
+//   forward           out = W_g . im2col(x)            out / group  batch*out_plane  patch
+//   backward input    gx = W_g^T . col2im-gather(gy)   in / group   batch*in_plane   (out/group)*kh*kw
+//   backward weight   gw = gy . im2col(x)^T            out / group  patch            batch*out_plane
+// The weight pass has a long K and a small M x N: it is split along K over grid.z into
+// a workspace whose slices are then added in a fixed order (deterministic, no atomics).
+
+#include <ATen/Dispatch.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <c10/cuda/CUDAGuard.h>
+
+#include <algorithm>
+
+#include "activation/activation.h"
+#include "common/cuda_loops.cuh"
+#include "conv/conv.h"
+
+namespace pyops::conv {
+namespace {
+
+using activation::Activation;
+using activation::visit_activation;
+using at::Tensor;
+using cuda::ceil_div;
+using cuda::opmath_t;
+
+#define PYOPS_DISPATCH_FLOATING(dtype, name, ...) \
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, name, __VA_ARGS__)
+
+// Tile of the implicit GEMM: kTileM x kTileN outputs per block of 256 threads, each
+// thread a 4 x 4 micro-tile; K advances kTileK at a time through shared memory.
+constexpr int kTileM = 64, kTileN = 64, kTileK = 16, kMicro = 4;
+constexpr int kGemmThreads = (kTileM / kMicro) * (kTileN / kMicro);
+
+// ---- The three GEMM problems: operand gathers and output stores -------------------------
+
+template <typename T, typename Fn>
+struct ForwardProblem {
+  ConvShape s;
+  const T* input;
+  const T* weight;
+  const T* bias;
+  T* output;
+  Fn fn;
+  using Acc = opmath_t<T>;
+  __host__ __device__ int64_t m() const { return s.out_per_group(); }
+  __host__ __device__ int64_t n() const { return s.batch * s.out_plane(); }
+  __host__ __device__ int64_t k() const { return s.patch_size(); }
+  __device__ Acc a(int64_t g, int64_t row, int64_t kk) const {
+    return static_cast<Acc>(weight[(g * s.out_per_group() + row) * s.patch_size() + kk]);
+  }
+  __device__ Acc b(int64_t g, int64_t kk, int64_t col) const {
+    const int64_t sample = col / s.out_plane();
+    const T* plane = input + (sample * s.in_channels + g * s.in_per_group()) * s.in_plane();
+    return static_cast<Acc>(im2col_value(plane, s, kk, col - sample * s.out_plane()));
+  }
+  __device__ void store(int64_t g, int64_t /*split*/, int64_t row, int64_t col, Acc acc) const {
+    const int64_t oc = g * s.out_per_group() + row;
+    const int64_t sample = col / s.out_plane();
+    if (bias != nullptr) acc += static_cast<Acc>(bias[oc]);
+    output[(sample * s.out_channels + oc) * s.out_plane() + (col - sample * s.out_plane())] =
+        static_cast<T>(fn.forward(acc));
+  }
+};
+
+// Input gradient, and with bias + activation the forward of conv_transpose2d.
+template <typename T, typename Fn>
+struct BackwardInputProblem {
+  ConvShape s;
+  const T* grad_output;
+  const T* weight;
+  const T* bias;
+  T* grad_input;
+  Fn fn;
+  using Acc = opmath_t<T>;
+  __host__ __device__ int64_t taps() const { return s.kernel_h * s.kernel_w; }
+  __host__ __device__ int64_t m() const { return s.in_per_group(); }
+  __host__ __device__ int64_t n() const { return s.batch * s.in_plane(); }
+  __host__ __device__ int64_t k() const { return s.out_per_group() * taps(); }
+  // kk = (oc in group, kh, kw); weight[g * out_pg + oc, row, kh, kw].
+  __device__ Acc a(int64_t g, int64_t row, int64_t kk) const {
+    const int64_t oc = kk / taps(), tap = kk - oc * taps();
+    return static_cast<Acc>(
+        weight[((g * s.out_per_group() + oc) * s.in_per_group() + row) * taps() + tap]);
+  }
+  // The output position that reads input position col through tap kk (col2im as a gather).
+  __device__ Acc b(int64_t g, int64_t kk, int64_t col) const {
+    const int64_t oc = kk / taps(), tap = kk - oc * taps();
+    const int64_t kh = tap / s.kernel_w, kw = tap - kh * s.kernel_w;
+    const int64_t sample = col / s.in_plane(), pos = col - sample * s.in_plane();
+    const int64_t ih = pos / s.in_w, iw = pos - ih * s.in_w;
+    const int64_t oh = output_coord(ih, kh, s.stride_h, s.pad_h, s.dilation_h, s.out_h);
+    const int64_t ow = output_coord(iw, kw, s.stride_w, s.pad_w, s.dilation_w, s.out_w);
+    if (oh < 0 || ow < 0) return Acc(0);
+    return static_cast<Acc>(
+        grad_output[((sample * s.out_channels + g * s.out_per_group() + oc) * s.out_h + oh) *
+                        s.out_w + ow]);
+  }
+  __device__ void store(int64_t g, int64_t /*split*/, int64_t row, int64_t col, Acc acc) const {
+    const int64_t ic = g * s.in_per_group() + row;
+    const int64_t sample = col / s.in_plane();
+    if (bias != nullptr) acc += static_cast<Acc>(bias[ic]);
+    grad_input[(sample * s.in_channels + ic) * s.in_plane() + (col - sample * s.in_plane())] =
+        static_cast<T>(fn.forward(acc));
+  }
+};
+
+// Weight gradient; stores K-split partial sums into workspace[split][out_channels][patch].
+template <typename T>
+struct BackwardWeightProblem {
+  ConvShape s;
+  const T* input;
+  const T* grad_output;
+  opmath_t<T>* workspace;
+  using Acc = opmath_t<T>;
+  __host__ __device__ int64_t m() const { return s.out_per_group(); }
+  __host__ __device__ int64_t n() const { return s.patch_size(); }
+  __host__ __device__ int64_t k() const { return s.batch * s.out_plane(); }
+  __device__ Acc a(int64_t g, int64_t row, int64_t kk) const {
+    const int64_t sample = kk / s.out_plane();
+    return static_cast<Acc>(
+        grad_output[(sample * s.out_channels + g * s.out_per_group() + row) * s.out_plane() +
+                    (kk - sample * s.out_plane())]);
+  }
+  __device__ Acc b(int64_t g, int64_t kk, int64_t col) const {
+    const int64_t sample = kk / s.out_plane();
+    const T* plane = input + (sample * s.in_channels + g * s.in_per_group()) * s.in_plane();
+    return static_cast<Acc>(im2col_value(plane, s, col, kk - sample * s.out_plane()));
+  }
+  __device__ void store(int64_t g, int64_t split, int64_t row, int64_t col, Acc acc) const {
+    workspace[(split * s.out_channels + g * s.out_per_group() + row) * s.patch_size() + col] = acc;
+  }
+};
+
+// grid: x over N tiles, y over M tiles, z over (group, K split).
+template <typename Problem>
+__global__ void __launch_bounds__(kGemmThreads)
+    implicit_gemm_kernel(Problem p, int64_t splits, int64_t k_per_split) {
+  using Acc = typename Problem::Acc;
+  __shared__ Acc a_tile[kTileK][kTileM];
+  __shared__ Acc b_tile[kTileK][kTileN];
+  const int64_t M = p.m(), N = p.n(), K = p.k();
+  const int64_t g = blockIdx.z / splits, split = blockIdx.z - g * splits;
+  const int64_t row0 = static_cast<int64_t>(blockIdx.y) * kTileM;
+  const int64_t col0 = static_cast<int64_t>(blockIdx.x) * kTileN;
+  const int64_t k_begin = split * k_per_split;
+  const int64_t k_end = k_begin + k_per_split < K ? k_begin + k_per_split : K;
+  const int tid = threadIdx.x;
+  const int thread_row = (tid / (kTileN / kMicro)) * kMicro;
+  const int thread_col = (tid % (kTileN / kMicro)) * kMicro;
+  Acc acc[kMicro][kMicro] = {};
+  for (int64_t k0 = k_begin; k0 < k_end; k0 += kTileK) {
+    // Each thread gathers kTileK * kTileM / kGemmThreads elements of each operand; zero
+    // outside the matrices.
+    for (int e = tid; e < kTileK * kTileM; e += kGemmThreads) {
+      const int kk = e / kTileM, r = e - kk * kTileM;
+      const int64_t row = row0 + r, k = k0 + kk;
+      a_tile[kk][r] = (row < M && k < k_end) ? p.a(g, row, k) : Acc(0);
+    }
+    for (int e = tid; e < kTileK * kTileN; e += kGemmThreads) {
+      const int kk = e / kTileN, c = e - kk * kTileN;
+      const int64_t col = col0 + c, k = k0 + kk;
+      b_tile[kk][c] = (col < N && k < k_end) ? p.b(g, k, col) : Acc(0);
+    }
+    __syncthreads();
+#pragma unroll
+    for (int kk = 0; kk < kTileK; ++kk) {
+      Acc a_frag[kMicro], b_frag[kMicro];
+#pragma unroll
+      for (int i = 0; i < kMicro; ++i) a_frag[i] = a_tile[kk][thread_row + i];
+#pragma unroll
+      for (int j = 0; j < kMicro; ++j) b_frag[j] = b_tile[kk][thread_col + j];
+#pragma unroll
+      for (int i = 0; i < kMicro; ++i) {
+#pragma unroll
+        for (int j = 0; j < kMicro; ++j) acc[i][j] += a_frag[i] * b_frag[j];
+      }
+    }
+    __syncthreads();
+  }
+#pragma unroll
+  for (int i = 0; i < kMicro; ++i) {
+#pragma unroll
+    for (int j = 0; j < kMicro; ++j) {
+      const int64_t row = row0 + thread_row + i, col = col0 + thread_col + j;
+      if (row < M && col < N) p.store(g, split, row, col, acc[i][j]);
+    }
+  }
+}
+
+template <typename Problem>
+void launch_implicit_gemm(const Problem& p, int64_t groups, int64_t splits) {
+  const int64_t k_per_split = ceil_div(ceil_div(p.k(), splits), kTileK) * kTileK;
+  const dim3 grid(ceil_div(p.n(), kTileN), ceil_div(p.m(), kTileM), groups * splits);
+  TORCH_CHECK(grid.y <= 65535 && grid.z <= 65535, "pyops.conv2d (CUDA): too many ",
+              grid.y > 65535 ? "output channels per group" : "groups", " for one launch");
+  implicit_gemm_kernel<<<grid, kGemmThreads, 0, at::cuda::getCurrentCUDAStream()>>>(
+      p, splits, k_per_split);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+// ---- Depthwise (one input channel per group): one thread per output element --------------
+
+template <typename T, typename Fn>
+__global__ void depthwise_forward_kernel(ConvShape s, const T* input, const T* weight,
+                                         const T* bias, T* output, Fn fn) {
+  using Acc = opmath_t<T>;
+  const int64_t total = s.batch * s.out_channels * s.out_plane();
+  const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
+  for (int64_t e = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; e < total;
+       e += stride) {
+    const int64_t ow = e % s.out_w, oh = (e / s.out_w) % s.out_h;
+    const int64_t oc = (e / s.out_plane()) % s.out_channels, sample = e / (s.out_plane() * s.out_channels);
+    const int64_t ic = oc / s.out_per_group();
+    const T* plane = input + (sample * s.in_channels + ic) * s.in_plane();
+    const T* w = weight + oc * s.kernel_h * s.kernel_w;
+    Acc acc = bias != nullptr ? static_cast<Acc>(bias[oc]) : Acc(0);
+    for (int64_t kh = 0; kh < s.kernel_h; ++kh) {
+      const int64_t ih = input_coord(oh, kh, s.stride_h, s.pad_h, s.dilation_h);
+      if (ih < 0 || ih >= s.in_h) continue;
+      for (int64_t kw = 0; kw < s.kernel_w; ++kw) {
+        const int64_t iw = input_coord(ow, kw, s.stride_w, s.pad_w, s.dilation_w);
+        if (iw < 0 || iw >= s.in_w) continue;
+        acc += static_cast<Acc>(w[kh * s.kernel_w + kw]) * static_cast<Acc>(plane[ih * s.in_w + iw]);
+      }
+    }
+    output[e] = static_cast<T>(fn.forward(acc));
+  }
+}
+
+template <typename T, typename Fn>
+__global__ void depthwise_backward_input_kernel(ConvShape s, const T* grad_output,
+                                                const T* weight, const T* bias, T* grad_input,
+                                                Fn fn) {
+  using Acc = opmath_t<T>;
+  const int64_t total = s.batch * s.in_channels * s.in_plane();
+  const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
+  for (int64_t e = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; e < total;
+       e += stride) {
+    const int64_t iw = e % s.in_w, ih = (e / s.in_w) % s.in_h;
+    const int64_t ic = (e / s.in_plane()) % s.in_channels, sample = e / (s.in_plane() * s.in_channels);
+    Acc acc = bias != nullptr ? static_cast<Acc>(bias[ic]) : Acc(0);
+    for (int64_t o = 0; o < s.out_per_group(); ++o) {
+      const int64_t oc = ic * s.out_per_group() + o;
+      const T* grad = grad_output + (sample * s.out_channels + oc) * s.out_plane();
+      const T* w = weight + oc * s.kernel_h * s.kernel_w;
+      for (int64_t kh = 0; kh < s.kernel_h; ++kh) {
+        const int64_t oh = output_coord(ih, kh, s.stride_h, s.pad_h, s.dilation_h, s.out_h);
+        if (oh < 0) continue;
+        for (int64_t kw = 0; kw < s.kernel_w; ++kw) {
+          const int64_t ow = output_coord(iw, kw, s.stride_w, s.pad_w, s.dilation_w, s.out_w);
+          if (ow < 0) continue;
+          acc += static_cast<Acc>(w[kh * s.kernel_w + kw]) * static_cast<Acc>(grad[oh * s.out_w + ow]);
+        }
+      }
+    }
+    grad_input[e] = static_cast<T>(fn.forward(acc));
+  }
+}
+
+// grad_weight[c] = sum of workspace[split][c] over splits, in split order.
+template <typename T>
+__global__ void sum_splits_kernel(const opmath_t<T>* workspace, int64_t splits, int64_t n,
+                                  T* grad_weight) {
+  const int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (i >= n) return;
+  opmath_t<T> total = 0;
+  for (int64_t split = 0; split < splits; ++split) total += workspace[split * n + i];
+  grad_weight[i] = static_cast<T>(total);
+}
+
+bool is_depthwise(const ConvShape& s) { return s.in_per_group() == 1; }
+
+// ---- Entry points -------------------------------------------------------------------------
+
+void forward(const ConvShape& s, const Tensor& input, const Tensor& weight, const Tensor& bias,
+             Activation act, double slope, const Tensor& output) {
+  const c10::cuda::CUDAGuard device_guard(input.device());
+  PYOPS_DISPATCH_FLOATING(input.scalar_type(), "pyops_conv2d_forward_cuda", [&] {
+    const scalar_t* b = bias.defined() ? bias.const_data_ptr<scalar_t>() : nullptr;
+    visit_activation<opmath_t<scalar_t>>(act, slope, [&](auto fn) {
+      if (is_depthwise(s)) {
+        const int64_t total = s.batch * s.out_channels * s.out_plane();
+        depthwise_forward_kernel<<<cuda::blocks_for(total), cuda::kThreadsPerBlock, 0,
+                                   at::cuda::getCurrentCUDAStream()>>>(
+            s, input.const_data_ptr<scalar_t>(), weight.const_data_ptr<scalar_t>(), b,
+            output.data_ptr<scalar_t>(), fn);
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+        return;
+      }
+      ForwardProblem<scalar_t, decltype(fn)> p{s, input.const_data_ptr<scalar_t>(),
+                                               weight.const_data_ptr<scalar_t>(), b,
+                                               output.data_ptr<scalar_t>(), fn};
+      launch_implicit_gemm(p, s.groups, 1);
+    });
+  });
+}
+
+void backward_input(const ConvShape& s, const Tensor& grad_output, const Tensor& weight,
+                    const Tensor& bias, Activation act, double slope, const Tensor& grad_input) {
+  const c10::cuda::CUDAGuard device_guard(grad_output.device());
+  PYOPS_DISPATCH_FLOATING(grad_output.scalar_type(), "pyops_conv2d_backward_input_cuda", [&] {
+    const scalar_t* b = bias.defined() ? bias.const_data_ptr<scalar_t>() : nullptr;
+    visit_activation<opmath_t<scalar_t>>(act, slope, [&](auto fn) {
+      if (is_depthwise(s)) {
+        const int64_t total = s.batch * s.in_channels * s.in_plane();
+        depthwise_backward_input_kernel<<<cuda::blocks_for(total), cuda::kThreadsPerBlock, 0,
+                                          at::cuda::getCurrentCUDAStream()>>>(
+            s, grad_output.const_data_ptr<scalar_t>(), weight.const_data_ptr<scalar_t>(), b,
+            grad_input.data_ptr<scalar_t>(), fn);
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+        return;
+      }
+      BackwardInputProblem<scalar_t, decltype(fn)> p{s, grad_output.const_data_ptr<scalar_t>(),
+                                                     weight.const_data_ptr<scalar_t>(), b,
+                                                     grad_input.data_ptr<scalar_t>(), fn};
+      launch_implicit_gemm(p, s.groups, 1);
+    });
+  });
+}
+
+void backward_weight(const ConvShape& s, const Tensor& input, const Tensor& grad_output,
+                     const Tensor& grad_weight) {
+  const c10::cuda::CUDAGuard device_guard(input.device());
+  PYOPS_DISPATCH_FLOATING(input.scalar_type(), "pyops_conv2d_backward_weight_cuda", [&] {
+    using Acc = opmath_t<scalar_t>;
+    BackwardWeightProblem<scalar_t> p{s, input.const_data_ptr<scalar_t>(),
+                                      grad_output.const_data_ptr<scalar_t>(), nullptr};
+    // Enough K splits for about one wave of blocks, each split at least a few tiles long.
+    const int64_t blocks = ceil_div(p.n(), kTileN) * ceil_div(p.m(), kTileM) * s.groups;
+    const int64_t splits = std::clamp<int64_t>(
+        std::min(ceil_div(cuda::resident_blocks(kGemmThreads), blocks),
+                 ceil_div(p.k(), 8 * kTileK)),
+        1, std::max<int64_t>(1, 65535 / s.groups));
+    Tensor workspace = at::empty({splits, s.out_channels, s.patch_size()},
+                                 input.options().dtype(c10::CppTypeToScalarType<Acc>::value));
+    p.workspace = workspace.mutable_data_ptr<Acc>();
+    launch_implicit_gemm(p, s.groups, splits);
+    const int64_t n = s.out_channels * s.patch_size();
+    sum_splits_kernel<scalar_t><<<ceil_div(n, cuda::kThreadsPerBlock), cuda::kThreadsPerBlock, 0,
+                                  at::cuda::getCurrentCUDAStream()>>>(
+        p.workspace, splits, n, grad_weight.data_ptr<scalar_t>());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+}
+
+}  // namespace
+
+PYOPS_REGISTER_CUDA_KERNEL(forward_kernel, &forward);
+PYOPS_REGISTER_CUDA_KERNEL(backward_input_kernel, &backward_input);
+PYOPS_REGISTER_CUDA_KERNEL(backward_weight_kernel, &backward_weight);
+
+}  // namespace pyops::conv
