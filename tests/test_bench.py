@@ -94,3 +94,16 @@ def test_list_prints_every_case_of_the_full_matrix(capsys):
 def test_the_chart_is_skipped_with_a_reason_without_matplotlib(monkeypatch, tmp_path):
     monkeypatch.setitem(sys.modules, "matplotlib.figure", None)  # import raises ImportError
     assert "matplotlib is not installed" in report.write_chart(tmp_path / "chart.png", [])
+
+
+def test_pool_smoke_run_checks_every_case(tmp_path):
+    assert cli.main(["--smoke", "--device", "cpu", "--family", "pool",
+                     "--out", str(tmp_path)]) == 0
+    rows = json.loads((tmp_path / "results.json").read_text())["rows"]
+    cases = [r for r in rows if r["family"] == "pool"]
+    assert {r["op"] for r in cases} == {"max_pool2d", "min_pool2d", "avg_pool2d",
+                                        "relu_max_pool2d"}
+    variants = {r["variant"] for r in cases}
+    assert {"k2 nhwc fwd+bwd", "k3s2p1 nchw fwd", "k2 nchw indices fwd+bwd"} <= variants
+    for row in cases:
+        assert row["error"] is None and row["checked"], row

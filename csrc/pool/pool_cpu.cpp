@@ -13,9 +13,11 @@
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
 #include <ATen/cpu/vec/functional.h>
+#include <ATen/cpu/vec/vec_convert.h>
 #include <ATen/cpu/vec/vec.h>
 
 #include <algorithm>
+#include <atomic>
 #include <type_traits>
 #include <vector>
 
@@ -150,6 +152,25 @@ inline void store_lane_indices(const Geometry& g, const Vectorized<Acc>& offsets
                                int64_t index_step) {
   constexpr int kLanes = Vectorized<Acc>::size();
   alignas(64) Acc offset_lanes[kLanes];
+  if constexpr (K != IndexKind::Flat64) {
+    // Tap offsets need no per-lane arithmetic: select kNoTap in the vector, then a plain
+    // conversion loop (which the compiler vectorizes; the per-lane path did not).
+    using Index = typename IndexType<K>::type;
+    Vectorized<Acc> stored = offsets;
+    if constexpr (Reduce::kRelu) {
+      stored = math::where(Reduce::blocks_gradient(results),
+                           Vectorized<Acc>(static_cast<Acc>(kNoTap<Index>)), offsets);
+    }
+    if constexpr (std::is_same_v<Index, uint8_t> && std::is_same_v<Acc, float>) {
+      if (index_step == 1) {  // the common case: one vector conversion, a 16-byte store
+        at::vec::convert<uint8_t>(stored).store(index, kLanes);
+        return;
+      }
+    }
+    stored.store(offset_lanes);
+    for (int i = 0; i < kLanes; ++i) index[i * index_step] = static_cast<Index>(offset_lanes[i]);
+    return;
+  }
   alignas(64) Acc result_lanes[kLanes];
   offsets.store(offset_lanes);
   results.store(result_lanes);
@@ -414,35 +435,7 @@ void arg_forward(ArgReduction reduction, IndexKind kind, const Geometry& g, cons
   });
 }
 
-// ---- Max / min backward: scatter by the saved indices ------------------------------------
-
-// Input position (relative to the window's first tap, ih0 * in_w + iw0) of each tap offset.
-std::vector<int64_t> tap_positions(const Geometry& g) {
-  std::vector<int64_t> positions(g.kernel_h * g.kernel_w);
-  for (int64_t kh = 0; kh < g.kernel_h; ++kh) {
-    for (int64_t kw = 0; kw < g.kernel_w; ++kw) {
-      positions[kh * g.kernel_w + kw] = kh * g.dilation_h * g.in_w + kw * g.dilation_w;
-    }
-  }
-  return positions;
-}
-
-// Position in the plane (ih * in_w + iw) that output (oh, ow) with index `value` names;
-// -1 when no gradient flows (kNoTap).
-template <IndexKind K, typename Index>
-inline int64_t routed_position(const Geometry& g, const std::vector<int64_t>& taps, Index value,
-                               int64_t oh, int64_t ow) {
-  if constexpr (K == IndexKind::Flat64) {
-    return value;
-  } else {
-    if (value == kNoTap<Index>) return -1;
-    TORCH_CHECK(static_cast<int64_t>(value) >= 0 &&
-                    static_cast<int64_t>(value) < static_cast<int64_t>(taps.size()),
-                "pyops._max_pool2d_backward: index ", static_cast<int64_t>(value),
-                " is not a tap offset of a ", g.kernel_h, "x", g.kernel_w, " window");
-    return (oh * g.stride_h - g.pad_h) * g.in_w + ow * g.stride_w - g.pad_w + taps[value];
-  }
-}
+// ---- Max / min backward -------------------------------------------------------------------
 
 inline void check_position(const Geometry& g, int64_t position) {
   TORCH_CHECK(position >= 0 && position < g.in_h * g.in_w,
@@ -450,6 +443,33 @@ inline void check_position(const Geometry& g, int64_t position) {
               g.in_h, "x", g.in_w);
 }
 
+// Raises on a tap offset that names no tap of the window (and is not kNoTap), once
+// up front, so that the scatter below only maps offsets to positions.
+template <typename Index>
+void check_offsets(const Geometry& g, const Index* idx, int64_t count) {
+  const int64_t taps = g.kernel_h * g.kernel_w;
+  auto invalid = [&](Index v) {
+    return v != kNoTap<Index> && (static_cast<int64_t>(v) < 0 || static_cast<int64_t>(v) >= taps);
+  };
+  std::atomic<bool> found{false};
+  at::parallel_for(0, count, 4 * kGrainSize, [&](int64_t begin, int64_t end) {
+    bool any = false;  // no early exit: the loop vectorizes
+    for (int64_t i = begin; i < end; ++i) any |= invalid(idx[i]);
+    if (any) found = true;
+  });
+  if (!found) return;
+  for (int64_t i = 0; i < count; ++i) {
+    TORCH_CHECK(!invalid(idx[i]), "pyops._max_pool2d_backward: index ",
+                static_cast<int64_t>(idx[i]), " is not a tap offset of a ", g.kernel_h, "x",
+                g.kernel_w, " window");
+  }
+}
+
+// Scatter into a zero-filled grad_input, per plane (NCHW) or per sample and block of 64
+// channels (channels-last), so that one task owns every element it writes. A gather
+// (each grad_input element summing the windows that hold it, as the CUDA kernel does)
+// measured 2-6x slower here: its indexed loads cost more than the scatter's one
+// read-modify-write per output. Sums run in output order (deterministic).
 template <IndexKind K, typename T>
 void arg_backward_typed(const Geometry& g, const Tensor& grad_output, const Tensor& indices,
                         const Tensor& grad_input) {
@@ -458,7 +478,23 @@ void arg_backward_typed(const Geometry& g, const Tensor& grad_output, const Tens
   const T* go = grad_output.const_data_ptr<T>();
   const Index* idx = indices.const_data_ptr<Index>();
   T* gi = grad_input.data_ptr<T>();
-  const std::vector<int64_t> taps = tap_positions(g);
+  if constexpr (K != IndexKind::Flat64) check_offsets(g, idx, indices.numel());
+  // Position of each tap relative to its window's first (possibly padded) input.
+  std::vector<int64_t> tap_delta(g.kernel_h * g.kernel_w);
+  for (int64_t kh = 0; kh < g.kernel_h; ++kh) {
+    for (int64_t kw = 0; kw < g.kernel_w; ++kw) {
+      tap_delta[kh * g.kernel_w + kw] = kh * g.dilation_h * g.in_w + kw * g.dilation_w;
+    }
+  }
+  // The input position (ih * in_w + iw) that output (oh, ow) routes to, -1 for none.
+  auto routed = [&](Index value, int64_t oh, int64_t ow) -> int64_t {
+    if constexpr (K == IndexKind::Flat64) {
+      return value;
+    } else {
+      if (value == kNoTap<Index>) return -1;
+      return (oh * g.stride_h - g.pad_h) * g.in_w + ow * g.stride_w - g.pad_w + tap_delta[value];
+    }
+  };
   const int64_t in_plane = g.in_h * g.in_w, out_plane = g.out_h * g.out_w;
   if (!g.channels_last) {
     const int64_t grain = std::max<int64_t>(1, kGrainSize / std::max<int64_t>(1, in_plane));
@@ -474,8 +510,8 @@ void arg_backward_typed(const Geometry& g, const Tensor& grad_output, const Tens
         for (int64_t oh = 0; oh < g.out_h; ++oh) {
           for (int64_t ow = 0; ow < g.out_w; ++ow) {
             const int64_t o = oh * g.out_w + ow;
-            const int64_t position = routed_position<K>(g, taps, idx_plane[o], oh, ow);
-            if (position == -1 && K != IndexKind::Flat64) continue;
+            const int64_t position = routed(idx_plane[o], oh, ow);
+            if (K != IndexKind::Flat64 && position == -1) continue;
             check_position(g, position);
             acc[position] += static_cast<Acc>(go_plane[o]);
           }
@@ -487,7 +523,6 @@ void arg_backward_typed(const Geometry& g, const Tensor& grad_output, const Tens
     });
     return;
   }
-  // Channels-last: a task owns one sample's block of channels.
   const int64_t C = g.channels;
   constexpr int64_t kBlock = 64;
   const int64_t blocks = (C + kBlock - 1) / kBlock;
@@ -503,8 +538,8 @@ void arg_backward_typed(const Geometry& g, const Tensor& grad_output, const Tens
         for (int64_t ow = 0; ow < g.out_w; ++ow) {
           const int64_t o = ((n * g.out_h + oh) * g.out_w + ow) * C;
           for (int64_t c = c0; c < c1; ++c) {
-            const int64_t position = routed_position<K>(g, taps, idx[o + c], oh, ow);
-            if (position == -1 && K != IndexKind::Flat64) continue;
+            const int64_t position = routed(idx[o + c], oh, ow);
+            if (K != IndexKind::Flat64 && position == -1) continue;
             check_position(g, position);
             T& target = gi_sample[position * C + c];
             target = static_cast<T>(static_cast<Acc>(target) + static_cast<Acc>(go[o + c]));
