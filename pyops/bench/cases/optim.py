@@ -21,8 +21,9 @@ GB/s of torch's fused Adam on 10M (the ``adam reference`` row, native only).
 share a cache) and times under ``fail_on_recompile``, so a recompile is a row error,
 never a silent fall-back to eager. Compiling takes tens of seconds per optimizer on 2
 cores, so the quick run compiles only Adadelta and RMSprop (the optimizers without a
-fused kernel) on the 10M layout, and skips the loop rows of the optimizers that have a
-fused kernel; --full runs every implementation on every configuration and layout.
+fused kernel) on the 10M layout, and where torch has a fused kernel times fused only
+(plus foreach on seed); --full runs every implementation on every configuration and
+layout.
 
 Traffic, per element, is what the update rule must read and write once in steady state
 (a fresh state's first step reads less); in float32 each stream is 4 bytes:
@@ -45,7 +46,6 @@ states; the check compares the params after one step.
 """
 
 import math
-import statistics
 from dataclasses import dataclass, field
 from functools import partial
 
@@ -106,21 +106,21 @@ _REFERENCE = next(c for c in _CONFIGS if c.cls == "Adam" and not c.option)  # to
 
 
 def _implementations(config, layout, scale, device):
-    """torch's implementations that the case's rows compare with. Quick keeps its time
-    to ~3 minutes on 2 cores: where torch has a fused kernel, fused and foreach (the
-    single-tensor loop is never the faster of the two there, and costs ~100 ms a step on
-    10M); elsewhere loop and foreach; compile (tens of seconds to build) only for
-    Adadelta and RMSprop on 10M. Smoke never compiles. --full runs every one."""
+    """torch's implementations that the case's rows compare with. --full: every one.
+    Quick keeps to a few minutes on 2 cores: where torch has a fused kernel, fused (its
+    fastest CPU route) and, on the seed layout only, foreach (cheap there, and the one
+    that could compete with fused on small tensors); elsewhere loop and foreach, plus
+    compile (tens of seconds to build) on 10M. Smoke never compiles."""
     fused = device in config.fused_devices
     for impl in _IMPLEMENTATIONS:
         if impl == "fused" and not fused:
             continue
-        if scale is not Scale.FULL:
-            if impl == "loop" and fused:
-                continue
-            if impl == "compile" and (scale is Scale.SMOKE or fused
-                                      or layout != _BANDWIDTH_LAYOUT):
-                continue
+        if scale is not Scale.FULL and fused and impl != "fused" and not (
+                impl == "foreach" and layout in ("seed", *_LAYOUTS[Scale.SMOKE])):
+            continue
+        if scale is not Scale.FULL and impl == "compile" and (
+                scale is Scale.SMOKE or layout != _BANDWIDTH_LAYOUT):
+            continue
         yield impl
 
 
@@ -243,7 +243,7 @@ def summary(rows):
             continue
         fastest = min(timed, key=lambda r: r.native_s)
         others = ", ".join(f"{r.case.variant.split()[-1]} {r.speedup:.2f}x" for r in timed)
-        pyops_s = statistics.median(r.pyops_s for r in timed)
+        pyops_s = fastest.pyops_s  # from the same row as the ratio, so the figures agree
         line = (f"  {name:18} {layout:9} {device} {dtype}: fastest torch "
                 f"{fastest.case.variant.split()[-1]:7} {fastest.native_s * 1e3:8.2f} ms,"
                 f" pyops {pyops_s * 1e3:7.2f} ms -> {fastest.speedup:5.2f}x  ({others})")
