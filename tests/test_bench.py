@@ -104,7 +104,8 @@ def test_optim_smoke_run_checks_every_row(tmp_path, capsys):
     rows = [r for r in json.loads((tmp_path / "results.json").read_text())["rows"]
             if r["family"] == "optim"]
     reference = [r for r in rows if r["variant"].startswith("reference")]
-    assert len(reference) == 1 and reference[0]["native_gbs"] > 0
+    assert len(reference) == 2 and all(r["native_gbs"] > 0 for r in reference)
+    assert rows[0] is reference[0] and rows[-1] is reference[1]  # first and last
     cases = [r for r in rows if r not in reference]
     assert {r["op"] for r in cases} == {"sgd", "adagrad", "adadelta", "rmsprop", "adam", "adamw"}
     assert {r["variant"].split()[-1] for r in cases} == {"loop", "foreach", "fused"}
