@@ -107,3 +107,24 @@ def test_pool_smoke_run_checks_every_case(tmp_path):
     assert {"k2 nhwc fwd+bwd", "k3s2p1 nchw fwd", "k2 nchw indices fwd+bwd"} <= variants
     for row in cases:
         assert row["error"] is None and row["checked"], row
+
+
+def test_optim_smoke_run_checks_every_row(tmp_path, capsys):
+    status = cli.main(["--smoke", "--device", "cpu", "--family", "optim", "--out", str(tmp_path)])
+    assert status == 0
+    out = capsys.readouterr().out
+    assert "pyops vs torch's fastest step" in out  # the family's summary
+    rows = [r for r in json.loads((tmp_path / "results.json").read_text())["rows"]
+            if r["family"] == "optim"]
+    reference = [r for r in rows if r["variant"].startswith("reference")]
+    assert len(reference) == 2 and all(r["native_gbs"] > 0 for r in reference)
+    assert rows[0] is reference[0] and rows[-1] is reference[1]  # first and last
+    cases = [r for r in rows if r not in reference]
+    assert {r["op"] for r in cases} == {"sgd", "adagrad", "adadelta", "rmsprop", "adam", "adamw"}
+    assert {r["variant"].split()[-1] for r in cases} == {"loop", "foreach", "fused"}
+    for row in cases:
+        assert row["error"] is None and row["checked"], row
+        assert row["speedup"] > 0 and row["pyops_gbs"] > 0
+    adam = next(r for r in cases if r["op"] == "adam" and r["variant"].endswith("fused"))
+    n = adam["shape"][0]
+    assert adam["bytes_moved"] == 7 * n * 4  # param, grad, exp_avg, exp_avg_sq read; 3 written

@@ -143,7 +143,7 @@ def main(argv=None):
 
     elapsed = time.perf_counter() - started
     print()
-    print("\n".join(report.summary(rows)))
+    print("\n".join(case_modules.summaries(args.family, rows) + report.summary(rows)))
     print(f"{len(rows)} rows in {elapsed:.0f} s")
     settings = {
         "finished": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),

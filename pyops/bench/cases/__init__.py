@@ -2,7 +2,9 @@
 
 Adding a family is adding a module here (its name is the family's name) with a
 function ``cases(scale, device, dtype) -> list[pyops.bench.case.Case]``; the suite
-finds it by itself.
+finds it by itself. A family may also define ``summary(rows) -> list[str]``: lines
+printed after the table, for conclusions that span rows (e.g. the fastest of several
+native implementations).
 """
 
 import importlib
@@ -21,3 +23,13 @@ def collect(families, scale, devices, dtypes):
         for device, dtype in itertools.product(devices, dtypes):
             found += [replace(c, family=family) for c in module.cases(scale, device, dtype)]
     return found
+
+
+def summaries(families, rows):
+    """The lines of the families' ``summary`` hooks, given every row of the run."""
+    lines = []
+    for family in families:
+        module = importlib.import_module(f"{__name__}.{family}")
+        if hasattr(module, "summary"):
+            lines += module.summary(rows)
+    return lines
