@@ -14,6 +14,7 @@
 
 #include "activation/activation.h"
 #include "common/checks.h"
+#include "common/operators.h"
 #include "common/registration.h"
 #include "common/layout.h"
 
@@ -221,11 +222,6 @@ std::tuple<Tensor, Tensor> bias_act_backward_impl(const Tensor& grad_output, con
 // Autograd kernels call the operators (not the *_impl functions) so that fake tensors,
 // functionalization and double backward see every step.
 
-template <typename Signature>
-c10::TypedOperatorHandle<Signature> op_handle(const char* name, const char* overload = "") {
-  return c10::Dispatcher::singleton().findSchemaOrThrow(name, overload).typed<Signature>();
-}
-
 Tensor call_forward(Activation act, const Tensor& self, double slope) {
   using Unary = Tensor(const Tensor&);
   static auto relu = op_handle<Unary>("pyops::relu");
@@ -285,14 +281,6 @@ Tensor second_derivative_term(Activation act, const Tensor& upstream, const Tens
     case Activation::Tanh: return -2 * upstream * grad * saved;         // (1-y^2)'  = -2y
     default: return Tensor();  // piecewise-constant derivatives
   }
-}
-
-bool any_requires_grad(std::initializer_list<const Tensor*> tensors) {
-  if (!c10::GradMode::is_enabled()) return false;
-  for (const Tensor* t : tensors) {
-    if (t->defined() && t->requires_grad()) return true;
-  }
-  return false;
 }
 
 // ---- Autograd -------------------------------------------------------------------------

@@ -23,6 +23,7 @@
 #include <vector>
 
 #include "common/checks.h"
+#include "common/operators.h"
 #include "conv/conv.h"
 
 namespace pyops::conv {
@@ -282,11 +283,6 @@ Tensor conv_transpose2d_impl(const Tensor& input, const Tensor& weight, const Op
 
 // ---- Calling operators through the dispatcher -------------------------------------------
 
-template <typename Signature>
-c10::TypedOperatorHandle<Signature> op_handle(const char* name, const char* overload = "") {
-  return c10::Dispatcher::singleton().findSchemaOrThrow(name, overload).typed<Signature>();
-}
-
 using ConvSignature = Tensor(const Tensor&, const Tensor&, const OptionalTensor&, IntArrayRef,
                              IntArrayRef, IntArrayRef, int64_t);
 using ConvActSignature = Tensor(const Tensor&, const Tensor&, const OptionalTensor&, IntArrayRef,
@@ -330,14 +326,6 @@ Tensor call_activation_backward(Activation act, const Tensor& grad, const Tensor
     case Activation::None: return grad;
   }
   TORCH_INTERNAL_ASSERT(false);
-}
-
-bool any_requires_grad(std::initializer_list<const Tensor*> tensors) {
-  if (!c10::GradMode::is_enabled()) return false;
-  for (const Tensor* t : tensors) {
-    if (t->defined() && t->requires_grad()) return true;
-  }
-  return false;
 }
 
 std::vector<int64_t> to_vector(IntArrayRef v) { return v.vec(); }

@@ -8,6 +8,7 @@
 #include <torch/library.h>
 
 #include "common/checks.h"
+#include "common/operators.h"
 #include "common/layout.h"
 #include "common/registration.h"
 #include "dropout/dropout.h"
@@ -67,17 +68,10 @@ Tensor dropout_backward_impl(const Tensor& grad_output, const Tensor& mask, doub
   return grad_input;
 }
 
-template <typename Signature>
-c10::TypedOperatorHandle<Signature> op_handle(const char* name) {
-  return c10::Dispatcher::singleton().findSchemaOrThrow(name, "").typed<Signature>();
-}
-
 Tensor call_backward(const Tensor& grad, const Tensor& mask, double p) {
   static auto op = op_handle<Tensor(const Tensor&, const Tensor&, double)>("pyops::_dropout_backward");
   return op.call(grad, mask, p);
 }
-
-bool needs_grad(const Tensor& t) { return c10::GradMode::is_enabled() && t.requires_grad(); }
 
 struct DropoutFunction : torch::autograd::Function<DropoutFunction> {
   static variable_list forward(AutogradContext* ctx, const Tensor& self, double p) {
@@ -140,7 +134,7 @@ struct DropoutBackwardFunction : torch::autograd::Function<DropoutBackwardFuncti
 // Autograd-key kernels; without a gradient to record they go straight to the device.
 
 std::tuple<Tensor, Tensor> dropout_autograd(const Tensor& self, double p) {
-  if (!needs_grad(self)) {
+  if (!any_requires_grad({&self})) {
     static auto op = op_handle<std::tuple<Tensor, Tensor>(const Tensor&, double)>("pyops::dropout");
     at::AutoDispatchBelowADInplaceOrView guard;
     return op.call(self, p);
@@ -150,7 +144,7 @@ std::tuple<Tensor, Tensor> dropout_autograd(const Tensor& self, double p) {
 }
 
 Tensor dropout_inplace_autograd(const Tensor& self, double p) {
-  if (!needs_grad(self)) {
+  if (!any_requires_grad({&self})) {
     static auto op = op_handle<Tensor(const Tensor&, double)>("pyops::dropout_");
     at::AutoDispatchBelowAutograd guard;
     return op.call(self, p);
@@ -159,7 +153,7 @@ Tensor dropout_inplace_autograd(const Tensor& self, double p) {
 }
 
 Tensor dropout_backward_autograd(const Tensor& grad, const Tensor& mask, double p) {
-  if (!needs_grad(grad)) {
+  if (!any_requires_grad({&grad})) {
     at::AutoDispatchBelowADInplaceOrView guard;
     return call_backward(grad, mask, p);
   }

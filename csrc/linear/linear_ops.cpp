@@ -12,6 +12,7 @@
 
 #include "activation/activation.h"
 #include "common/checks.h"
+#include "common/operators.h"
 
 namespace pyops::linear {
 namespace {
@@ -54,11 +55,6 @@ std::vector<int64_t> output_shape(const Tensor& input, const Tensor& weight) {
 // whose result cannot tell the sign) the pre-activation GEMM output.
 bool saves_result(Activation act, double slope) {
   return act != Activation::LeakyRelu || slope >= 0.0;
-}
-
-template <typename Signature>
-c10::TypedOperatorHandle<Signature> op_handle(const char* name) {
-  return c10::Dispatcher::singleton().findSchemaOrThrow(name, "").typed<Signature>();
 }
 
 using LinearActSignature = Tensor(const Tensor&, const Tensor&, const c10::optional<Tensor>&,
@@ -165,11 +161,8 @@ struct LinearActFunction : torch::autograd::Function<LinearActFunction> {
 Tensor linear_act_autograd(const Tensor& input, const Tensor& weight,
                            const c10::optional<Tensor>& bias, c10::string_view activation_name,
                            double slope) {
-  const bool needs_grad =
-      c10::GradMode::is_enabled() &&
-      (input.requires_grad() || weight.requires_grad() ||
-       (bias.has_value() && bias->defined() && bias->requires_grad()));
-  if (!needs_grad) {
+  const Tensor& bias_tensor = bias.has_value() ? *bias : Tensor();
+  if (!any_requires_grad({&input, &weight, &bias_tensor})) {
     at::AutoDispatchBelowADInplaceOrView guard;
     static auto op = op_handle<LinearActSignature>("pyops::linear_act");
     return op.call(input, weight, bias, activation_name, slope);

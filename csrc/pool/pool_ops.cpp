@@ -24,6 +24,7 @@
 #include <vector>
 
 #include "common/checks.h"
+#include "common/operators.h"
 #include "pool/pool.h"
 
 namespace pyops::pool {
@@ -324,11 +325,6 @@ Tensor avg_pool_backward(const Tensor& grad_output, IntArrayRef input_size,
 // Autograd kernels call operators (not the *_impl functions above) so that fake tensors
 // and torch.compile see every step.
 
-template <typename Signature>
-c10::TypedOperatorHandle<Signature> op_handle(const char* name, const char* overload = "") {
-  return c10::Dispatcher::singleton().findSchemaOrThrow(name, overload).typed<Signature>();
-}
-
 using ArgPoolSignature = Tensor(const Tensor&, IntArrayRef, IntArrayRef, IntArrayRef, IntArrayRef,
                                 bool);
 using ArgPoolIndicesSignature = std::tuple<Tensor, Tensor>(const Tensor&, IntArrayRef, IntArrayRef,
@@ -342,10 +338,6 @@ Tensor call_max_pool_backward(const Tensor& grad, const Tensor& indices, IntArra
       "pyops::_max_pool2d_backward");
   return op.call(grad, indices, input_size, kernel_size, stride, padding, dilation, ceil_mode,
                  channels_last);
-}
-
-bool requires_grad(const Tensor& t) {
-  return c10::GradMode::is_enabled() && t.defined() && t.requires_grad();
 }
 
 // ---- Autograd -----------------------------------------------------------------------------
@@ -557,7 +549,7 @@ variable_list AvgPoolFunction::backward(AutogradContext* ctx, variable_list grad
 template <ArgReduction R>
 Tensor pool_autograd(const Tensor& self, IntArrayRef kernel_size, IntArrayRef stride,
                      IntArrayRef padding, IntArrayRef dilation, bool ceil_mode) {
-  if (!requires_grad(self)) {
+  if (!any_requires_grad({&self})) {
     static auto op = op_handle<ArgPoolSignature>(
         R == ArgReduction::Max   ? "pyops::max_pool2d"
         : R == ArgReduction::Min ? "pyops::min_pool2d"
@@ -573,7 +565,7 @@ template <ArgReduction R>
 std::tuple<Tensor, Tensor> pool_with_indices_autograd(const Tensor& self, IntArrayRef kernel_size,
                                                       IntArrayRef stride, IntArrayRef padding,
                                                       IntArrayRef dilation, bool ceil_mode) {
-  if (!requires_grad(self)) {
+  if (!any_requires_grad({&self})) {
     static auto op = op_handle<ArgPoolIndicesSignature>(
         R == ArgReduction::Min ? "pyops::min_pool2d_with_indices" : "pyops::max_pool2d_with_indices");
     at::AutoDispatchBelowADInplaceOrView guard;
@@ -589,7 +581,7 @@ std::tuple<Tensor, Tensor> pool_with_offsets_autograd(const Tensor& self, IntArr
                                                       IntArrayRef dilation, bool ceil_mode,
                                                       c10::string_view reduction) {
   const ArgReduction r = parse_reduction(reduction, "pyops._pool2d_with_offsets");
-  if (!requires_grad(self)) {
+  if (!any_requires_grad({&self})) {
     static auto op = op_handle<std::tuple<Tensor, Tensor>(
         const Tensor&, IntArrayRef, IntArrayRef, IntArrayRef, IntArrayRef, bool,
         c10::string_view)>("pyops::_pool2d_with_offsets");
@@ -605,7 +597,7 @@ Tensor max_pool_backward_autograd(const Tensor& grad_output, const Tensor& indic
                                   IntArrayRef input_size, IntArrayRef kernel_size,
                                   IntArrayRef stride, IntArrayRef padding, IntArrayRef dilation,
                                   bool ceil_mode, bool channels_last) {
-  if (!requires_grad(grad_output)) {
+  if (!any_requires_grad({&grad_output})) {
     at::AutoDispatchBelowADInplaceOrView guard;
     return call_max_pool_backward(grad_output, indices, input_size, kernel_size, stride, padding,
                                   dilation, ceil_mode, channels_last);
@@ -617,7 +609,7 @@ Tensor max_pool_backward_autograd(const Tensor& grad_output, const Tensor& indic
 Tensor avg_pool_autograd(const Tensor& self, IntArrayRef kernel_size, IntArrayRef stride,
                          IntArrayRef padding, bool ceil_mode, bool count_include_pad,
                          std::optional<int64_t> divisor_override) {
-  if (!requires_grad(self)) {
+  if (!any_requires_grad({&self})) {
     static auto op = op_handle<Tensor(const Tensor&, IntArrayRef, IntArrayRef, IntArrayRef, bool,
                                       bool, std::optional<int64_t>)>("pyops::avg_pool2d");
     at::AutoDispatchBelowADInplaceOrView guard;
@@ -632,7 +624,7 @@ Tensor avg_pool_backward_autograd(const Tensor& grad_output, IntArrayRef input_s
                                   IntArrayRef kernel_size, IntArrayRef stride,
                                   IntArrayRef padding, bool ceil_mode, bool count_include_pad,
                                   std::optional<int64_t> divisor_override, bool channels_last) {
-  if (!requires_grad(grad_output)) {
+  if (!any_requires_grad({&grad_output})) {
     at::AutoDispatchBelowADInplaceOrView guard;
     return call_avg_pool_backward(grad_output, input_size, kernel_size, stride, padding,
                                   ceil_mode, count_include_pad, divisor_override, channels_last);

@@ -17,6 +17,7 @@
 #include <torch/library.h>
 
 #include "common/checks.h"
+#include "common/operators.h"
 #include "common/registration.h"
 #include "softmax/softmax.h"
 
@@ -150,13 +151,6 @@ Tensor nll_backward_impl(const Tensor& grad_loss, const Tensor& self, const Tens
   return grad_input;
 }
 
-template <typename Signature>
-c10::TypedOperatorHandle<Signature> op_handle(const char* name) {
-  return c10::Dispatcher::singleton().findSchemaOrThrow(name, "").typed<Signature>();
-}
-
-bool needs_grad(const Tensor& t) { return c10::GradMode::is_enabled() && t.requires_grad(); }
-
 Tensor call_log_softmax_backward(const Tensor& grad, const Tensor& output, int64_t dim) {
   static auto op =
       op_handle<Tensor(const Tensor&, const Tensor&, int64_t)>("pyops::_log_softmax_backward");
@@ -208,7 +202,7 @@ struct LogSoftmaxBackwardFunction : torch::autograd::Function<LogSoftmaxBackward
 };
 
 Tensor log_softmax_autograd(const Tensor& self, int64_t dim) {
-  if (!needs_grad(self)) {
+  if (!any_requires_grad({&self})) {
     static auto op = op_handle<Tensor(const Tensor&, int64_t)>("pyops::log_softmax");
     at::AutoDispatchBelowADInplaceOrView guard;
     return op.call(self, dim);
@@ -217,7 +211,7 @@ Tensor log_softmax_autograd(const Tensor& self, int64_t dim) {
 }
 
 Tensor log_softmax_backward_autograd(const Tensor& grad, const Tensor& output, int64_t dim) {
-  if (!needs_grad(grad) && !needs_grad(output)) {
+  if (!any_requires_grad({&grad, &output})) {
     at::AutoDispatchBelowADInplaceOrView guard;
     return call_log_softmax_backward(grad, output, dim);
   }
@@ -256,7 +250,7 @@ struct NllFunction : torch::autograd::Function<NllFunction> {
 
 std::tuple<Tensor, Tensor> nll_autograd(const Tensor& input, const Tensor& target,
                                         c10::string_view reduction, int64_t ignore_index) {
-  if (!needs_grad(input)) {
+  if (!any_requires_grad({&input})) {
     static auto op = op_handle<NllSignature>("pyops::log_softmax_nll_loss");
     at::AutoDispatchBelowADInplaceOrView guard;
     return op.call(input, target, reduction, ignore_index);
