@@ -15,7 +15,7 @@ _ROW_FIELDS = {
     "family", "op", "variant", "shape", "dtype", "device", "traffic", "bytes_moved",
     "checked", "error", "native_s", "pyops_s", "speedup", "native_gbs", "pyops_gbs",
     "copy_gbs", "native_pct_of_copy", "pyops_pct_of_copy", "native_rounds_s",
-    "pyops_rounds_s",
+    "pyops_rounds_s", "flops", "native_gflops", "pyops_gflops",
 }
 
 
