@@ -107,3 +107,27 @@ def test_pool_smoke_run_checks_every_case(tmp_path):
     assert {"k2 nhwc fwd+bwd", "k3s2p1 nchw fwd", "k2 nchw indices fwd+bwd"} <= variants
     for row in cases:
         assert row["error"] is None and row["checked"], row
+
+
+def _smoke_rows(tmp_path, family):
+    assert cli.main(["--smoke", "--device", "cpu", "--family", family,
+                     "--out", str(tmp_path)]) == 0
+    rows = json.loads((tmp_path / "results.json").read_text())["rows"]
+    cases = [r for r in rows if r["family"] == family]
+    for row in cases:
+        assert row["error"] is None and row["checked"], row
+    return cases
+
+
+def test_conv_smoke_run_checks_every_case_and_reports_gflops(tmp_path):
+    cases = _smoke_rows(tmp_path, "conv")
+    assert {r["op"] for r in cases} == {"conv2d", "conv_transpose2d", "conv2d_bias_act"}
+    assert {"depthwise fwd+bwd", "up_x2 fwd", "resnet_3x3 relu fwd+bwd"} <= {
+        r["variant"] for r in cases}
+    for row in cases:
+        assert row["flops"] > 0 and row["pyops_gflops"] > 0
+    # seed_conv1 smoke: x 2x1x9x11, w 5x1x3x3 -> y 2x5x7x9, 9 multiply-adds per output.
+    forward = next(r for r in cases if r["variant"] == "seed_conv1 fwd")
+    assert forward["flops"] == 2 * (2 * 5 * 7 * 9) * 9
+    assert next(r for r in cases if r["variant"] == "seed_conv1 fwd+bwd")["flops"] == (
+        3 * forward["flops"])
