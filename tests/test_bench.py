@@ -131,3 +131,9 @@ def test_conv_smoke_run_checks_every_case_and_reports_gflops(tmp_path):
     assert forward["flops"] == 2 * (2 * 5 * 7 * 9) * 9
     assert next(r for r in cases if r["variant"] == "seed_conv1 fwd+bwd")["flops"] == (
         3 * forward["flops"])
+
+
+def test_dropout_smoke_run_checks_every_case(tmp_path):
+    cases = _smoke_rows(tmp_path, "dropout")
+    assert {r["variant"] for r in cases} == {"p0.25 fwd", "p0.25 fwd+bwd", "p0.5 fwd",
+                                            "p0.5 fwd+bwd"}
