@@ -137,3 +137,9 @@ def test_dropout_smoke_run_checks_every_case(tmp_path):
     cases = _smoke_rows(tmp_path, "dropout")
     assert {r["variant"] for r in cases} == {"p0.25 fwd", "p0.25 fwd+bwd", "p0.5 fwd",
                                             "p0.5 fwd+bwd"}
+
+
+def test_softmax_smoke_run_checks_every_case(tmp_path):
+    cases = _smoke_rows(tmp_path, "softmax")
+    assert {(r["op"], r["variant"]) for r in cases} >= {
+        ("log_softmax", "dim=1 fwd+bwd"), ("log_softmax_nll_loss", "mean fwd+bwd")}
