@@ -143,3 +143,9 @@ def test_softmax_smoke_run_checks_every_case(tmp_path):
     cases = _smoke_rows(tmp_path, "softmax")
     assert {(r["op"], r["variant"]) for r in cases} >= {
         ("log_softmax", "dim=1 fwd+bwd"), ("log_softmax_nll_loss", "mean fwd+bwd")}
+
+
+def test_linear_smoke_run_checks_every_case(tmp_path):
+    cases = _smoke_rows(tmp_path, "linear")
+    assert {r["op"] for r in cases} == {"linear", "linear_act"}
+    assert all(r["flops"] > 0 for r in cases)
