@@ -69,7 +69,8 @@ def machine_header(machine, copy_gbs):
         f"copy bandwidth (dst.copy_(src), read + write bytes): {bandwidth or 'not measured'}",
         "speed-up = native time / pyops time; GB/s = bytes the op must move / time;"
         " % copy = pyops GB/s / copy bandwidth",
-        "GFLOP/s (convolutions, GEMMs) = FLOPs the op must do (a multiply-add counts 2) / pyops time",
+        "pyops GFLOP/s (convolutions, GEMMs) = FLOPs the op must do"
+        " (a multiply-add counts 2) / pyops time",
     ]
 
 
