@@ -15,7 +15,7 @@ _ROW_FIELDS = {
     "family", "op", "variant", "shape", "dtype", "device", "traffic", "bytes_moved",
     "checked", "error", "native_s", "pyops_s", "speedup", "native_gbs", "pyops_gbs",
     "copy_gbs", "native_pct_of_copy", "pyops_pct_of_copy", "native_rounds_s",
-    "pyops_rounds_s",
+    "pyops_rounds_s", "flops", "native_gflops", "pyops_gflops",
 }
 
 
@@ -128,3 +128,45 @@ def test_optim_smoke_run_checks_every_row(tmp_path, capsys):
     adam = next(r for r in cases if r["op"] == "adam" and r["variant"].endswith("fused"))
     n = adam["shape"][0]
     assert adam["bytes_moved"] == 7 * n * 4  # param, grad, exp_avg, exp_avg_sq read; 3 written
+
+
+def _smoke_rows(tmp_path, family):
+    assert cli.main(["--smoke", "--device", "cpu", "--family", family,
+                     "--out", str(tmp_path)]) == 0
+    rows = json.loads((tmp_path / "results.json").read_text())["rows"]
+    cases = [r for r in rows if r["family"] == family]
+    for row in cases:
+        assert row["error"] is None and row["checked"], row
+    return cases
+
+
+def test_conv_smoke_run_checks_every_case_and_reports_gflops(tmp_path):
+    cases = _smoke_rows(tmp_path, "conv")
+    assert {r["op"] for r in cases} == {"conv2d", "conv_transpose2d", "conv2d_bias_act"}
+    assert {"depthwise fwd+bwd", "up_x2 fwd", "resnet_3x3 relu fwd+bwd"} <= {
+        r["variant"] for r in cases}
+    for row in cases:
+        assert row["flops"] > 0 and row["pyops_gflops"] > 0
+    # seed_conv1 smoke: x 2x1x9x11, w 5x1x3x3 -> y 2x5x7x9, 9 multiply-adds per output.
+    forward = next(r for r in cases if r["variant"] == "seed_conv1 fwd")
+    assert forward["flops"] == 2 * (2 * 5 * 7 * 9) * 9
+    assert next(r for r in cases if r["variant"] == "seed_conv1 fwd+bwd")["flops"] == (
+        3 * forward["flops"])
+
+
+def test_dropout_smoke_run_checks_every_case(tmp_path):
+    cases = _smoke_rows(tmp_path, "dropout")
+    assert {r["variant"] for r in cases} == {"p0.25 fwd", "p0.25 fwd+bwd", "p0.5 fwd",
+                                            "p0.5 fwd+bwd"}
+
+
+def test_softmax_smoke_run_checks_every_case(tmp_path):
+    cases = _smoke_rows(tmp_path, "softmax")
+    assert {(r["op"], r["variant"]) for r in cases} >= {
+        ("log_softmax", "dim=1 fwd+bwd"), ("log_softmax_nll_loss", "mean fwd+bwd")}
+
+
+def test_linear_smoke_run_checks_every_case(tmp_path):
+    cases = _smoke_rows(tmp_path, "linear")
+    assert {r["op"] for r in cases} == {"linear", "linear_act"}
+    assert all(r["flops"] > 0 for r in cases)

@@ -46,7 +46,8 @@ class Case:
     Inputs are built only when the case runs (``setup``), so listing or filtering the
     whole matrix allocates nothing. ``check`` compares the two results once, before
     timing. ``family`` is the name of the module in cases/ that declared the case; the
-    collector fills it in.
+    collector fills it in. ``flops``, for compute-bound ops (convolutions, GEMMs), is the
+    arithmetic the op must do (a multiply-add counts 2): the report adds GFLOP/s.
     """
 
     op: str
@@ -59,6 +60,7 @@ class Case:
     # (pyops result, native result) -> None, raising if they differ.
     check: Callable = field(default=torch.testing.assert_close, repr=False, compare=False)
     family: str = ""
+    flops: int | None = None
 
     @property
     def qualname(self):

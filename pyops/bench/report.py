@@ -20,7 +20,7 @@ def _num(value, spec, suffix=""):
 
 # (title, width, getter). The first five name the case; error rows stop after them.
 _COLUMNS = (
-    ("op", 10, lambda r: r.case.op),
+    ("op", 20, lambda r: r.case.op),
     ("variant", 24, lambda r: r.case.variant),
     ("shape", 12, lambda r: r.case.shape_str),
     ("dtype", 8, lambda r: r.case.dtype_name),
@@ -32,6 +32,7 @@ _COLUMNS = (
     ("native GB/s", 11, lambda r: _num(r.native_gbs, ".1f")),
     ("pyops GB/s", 10, lambda r: _num(r.pyops_gbs, ".1f")),
     ("% copy", 6, lambda r: _num(r.pyops_pct_of_copy, ".0f")),
+    ("pyops GFLOP/s", 13, lambda r: _num(r.pyops_gflops, ".1f")),  # compute-bound cases only
 )
 _KEY_COLUMNS = 5
 
@@ -68,6 +69,8 @@ def machine_header(machine, copy_gbs):
         f"copy bandwidth (dst.copy_(src), read + write bytes): {bandwidth or 'not measured'}",
         "speed-up = native time / pyops time; GB/s = bytes the op must move / time;"
         " % copy = pyops GB/s / copy bandwidth",
+        "pyops GFLOP/s (convolutions, GEMMs) = FLOPs the op must do"
+        " (a multiply-add counts 2) / pyops time",
     ]
 
 

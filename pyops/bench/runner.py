@@ -45,6 +45,18 @@ class Row:
     def pyops_gbs(self):
         return self._gbs(self.pyops_s)
 
+    def _gflops(self, seconds):
+        flops = self.case.flops
+        return None if seconds is None or flops is None else flops / seconds / 1e9
+
+    @property
+    def native_gflops(self):
+        return self._gflops(self.native_s)
+
+    @property
+    def pyops_gflops(self):
+        return self._gflops(self.pyops_s)
+
     def _pct_of_copy(self, gbs):
         return None if gbs is None or not self.copy_gbs else 100 * gbs / self.copy_gbs
 
@@ -77,6 +89,9 @@ class Row:
             "copy_gbs": self.copy_gbs,
             "native_pct_of_copy": self.native_pct_of_copy,
             "pyops_pct_of_copy": self.pyops_pct_of_copy,
+            "flops": case.flops,
+            "native_gflops": self.native_gflops,
+            "pyops_gflops": self.pyops_gflops,
             "native_rounds_s": list(self.native_rounds_s),
             "pyops_rounds_s": list(self.pyops_rounds_s),
         }
