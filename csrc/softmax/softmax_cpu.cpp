@@ -72,6 +72,55 @@ Acc<T> row_sum(const T* row, int64_t size) {
   return sum;
 }
 
+// Column blocks for the [outer, size, inner] layout with inner > 1: `body(j, width)`
+// runs for j = 0, W, 2W, ... with width = Width<Vectorized<A>> (W columns at once), then
+// for each remaining column with width = Width<A>.
+template <typename V>
+struct Width {
+  using type = V;
+};
+
+template <typename T, typename Body>
+void for_column_blocks_impl(int64_t inner, const Body& body) {
+  using A = Acc<T>;
+  constexpr int64_t kStep = Vectorized<A>::size();
+  int64_t j = 0;
+  for (; j + kStep <= inner; j += kStep) body(j, Width<Vectorized<A>>{});
+  for (; j < inner; ++j) body(j, Width<A>{});
+}
+
+template <typename T>
+Vectorized<Acc<T>> load(const T* ptr, Width<Vectorized<Acc<T>>>) {
+  return cpu::detail::load_as_opmath(ptr);
+}
+template <typename T>
+Acc<T> load(const T* ptr, Width<Acc<T>>) {
+  return static_cast<Acc<T>>(*ptr);
+}
+template <typename T>
+void store(T* ptr, const Vectorized<Acc<T>>& v, Width<Vectorized<Acc<T>>>) {
+  if constexpr (std::is_same_v<T, Acc<T>>) {
+    v.store(ptr);
+  } else {
+    alignas(64) Acc<T> lanes[Vectorized<Acc<T>>::size()];
+    v.store(lanes);
+    for (int64_t i = 0; i < Vectorized<Acc<T>>::size(); ++i) ptr[i] = static_cast<T>(lanes[i]);
+  }
+}
+template <typename T>
+void store(T* ptr, Acc<T> v, Width<Acc<T>>) {
+  *ptr = static_cast<T>(v);
+}
+
+template <typename A>
+Vectorized<A> log(const Vectorized<A>& v) {
+  return v.log();
+}
+template <typename A, typename = std::enable_if_t<std::is_floating_point_v<A>>>
+A log(A v) {
+  return std::log(v);
+}
+
 template <typename T>
 void log_softmax_typed(const Tensor& input, const Tensor& output, RowLayout layout) {
   using A = Acc<T>;
@@ -88,32 +137,26 @@ void log_softmax_typed(const Tensor& input, const Tensor& output, RowLayout layo
     });
     return;
   }
-  // Element (k, j) of an outer slab sits at k * inner + j: the loops over j are
-  // contiguous, and GCC vectorizes them.
+  // Element (k, j) of an outer slab sits at k * inner + j: the reductions over k run
+  // with SIMD across j, a vector of columns at a time.
   at::parallel_for(0, outer, rows_per_task(size * inner), [&](int64_t begin, int64_t end) {
-    std::vector<A> max(inner), shift(inner);
     for (int64_t o = begin; o < end; ++o) {
       const T* slab = in + o * size * inner;
       T* out_slab = out + o * size * inner;
-      std::fill(max.begin(), max.end(), -std::numeric_limits<A>::infinity());
-      std::fill(shift.begin(), shift.end(), A(0));
-      for (int64_t k = 0; k < size; ++k) {
-        for (int64_t j = 0; j < inner; ++j) {
-          max[j] = math::maximum(max[j], static_cast<A>(slab[k * inner + j]));
+      for_column_blocks_impl<T>(inner, [&](int64_t j, auto width) {
+        using V = typename decltype(width)::type;  // Vectorized<A> or A
+        V max(-std::numeric_limits<A>::infinity());
+        for (int64_t k = 0; k < size; ++k) max = math::maximum(max, load(slab + k * inner + j, width));
+        V sum(A(0));
+        for (int64_t k = 0; k < size; ++k) {
+          sum = sum + Math::shifted_exp(load(slab + k * inner + j, width), max);
         }
-      }
-      for (int64_t k = 0; k < size; ++k) {
-        for (int64_t j = 0; j < inner; ++j) {
-          shift[j] += Math::shifted_exp(static_cast<A>(slab[k * inner + j]), max[j]);
+        const V shift = max + log(sum);
+        for (int64_t k = 0; k < size; ++k) {
+          store(out_slab + k * inner + j, Math::output(load(slab + k * inner + j, width), shift),
+                width);
         }
-      }
-      for (int64_t j = 0; j < inner; ++j) shift[j] = max[j] + std::log(shift[j]);
-      for (int64_t k = 0; k < size; ++k) {
-        for (int64_t j = 0; j < inner; ++j) {
-          out_slab[k * inner + j] =
-              static_cast<T>(Math::output(static_cast<A>(slab[k * inner + j]), shift[j]));
-        }
-      }
+      });
     }
   });
 }
@@ -139,20 +182,17 @@ void log_softmax_backward_typed(const Tensor& grad_output, const Tensor& output,
     return;
   }
   at::parallel_for(0, outer, rows_per_task(size * inner), [&](int64_t begin, int64_t end) {
-    std::vector<A> grad_sum(inner);
     for (int64_t o = begin; o < end; ++o) {
       const int64_t base = o * size * inner;
-      std::fill(grad_sum.begin(), grad_sum.end(), A(0));
-      for (int64_t k = 0; k < size; ++k) {
-        for (int64_t j = 0; j < inner; ++j) grad_sum[j] += static_cast<A>(g[base + k * inner + j]);
-      }
-      for (int64_t k = 0; k < size; ++k) {
-        for (int64_t j = 0; j < inner; ++j) {
+      for_column_blocks_impl<T>(inner, [&](int64_t j, auto width) {
+        using V = typename decltype(width)::type;
+        V grad_sum(A(0));
+        for (int64_t k = 0; k < size; ++k) grad_sum = grad_sum + load(g + base + k * inner + j, width);
+        for (int64_t k = 0; k < size; ++k) {
           const int64_t e = base + k * inner + j;
-          gi[e] = static_cast<T>(
-              Math::grad_input(static_cast<A>(g[e]), static_cast<A>(y[e]), grad_sum[j]));
+          store(gi + e, Math::grad_input(load(g + e, width), load(y + e, width), grad_sum), width);
         }
-      }
+      });
     }
   });
 }
