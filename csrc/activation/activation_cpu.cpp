@@ -101,8 +101,12 @@ void bias_backward(Activation act, double slope, bool saved_is_result, const Ten
         const int64_t blocks = (outer + block_rows - 1) / block_rows;
         std::vector<Sum> partial(blocks * channels, Sum(0));
         at::parallel_for(0, blocks, 1, [&](int64_t begin, int64_t end) {
+          // A block's rows are summed in Acc (float for float: a few dozen terms, SIMD
+          // wide), then the blocks in Sum (double).
+          std::vector<Acc> block_sum(channels);
           for (int64_t block = begin; block < end; ++block) {
-            Sum* acc = partial.data() + block * channels;
+            std::fill(block_sum.begin(), block_sum.end(), Acc(0));
+            Acc* acc = block_sum.data();
             const int64_t row_end = std::min(outer, (block + 1) * block_rows);
             for (int64_t row = block * block_rows; row < row_end; ++row) {
               const int64_t offset = row * channels;
@@ -115,8 +119,10 @@ void bias_backward(Activation act, double slope, bool saved_is_result, const Ten
                           },
                           channels, gi + offset, g + offset, s + offset, b);
               }
-              for (int64_t c = 0; c < channels; ++c) acc[c] += static_cast<Sum>(gi[offset + c]);
+              for (int64_t c = 0; c < channels; ++c) acc[c] += static_cast<Acc>(gi[offset + c]);
             }
+            Sum* total = partial.data() + block * channels;
+            for (int64_t c = 0; c < channels; ++c) total[c] = static_cast<Sum>(acc[c]);
           }
         });
         for (int64_t c = 0; c < channels; ++c) {
