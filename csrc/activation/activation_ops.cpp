@@ -293,11 +293,11 @@ struct ForwardFunction : torch::autograd::Function<ForwardFunction> {
       at::AutoDispatchBelowADInplaceOrView guard;
       result = call_forward(act, self, slope);
     }
+    // The result where it tells the input's sign (see activation.h), else the input.
     const bool save_result = act != Activation::LeakyRelu || slope >= 0.0;
     ctx->save_for_backward({save_result ? result : self});
     ctx->saved_data["act"] = act_id;
     ctx->saved_data["slope"] = slope;
-    ctx->saved_data["saved_is_result"] = save_result;
     return result;
   }
 
