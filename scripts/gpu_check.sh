@@ -1,9 +1,11 @@
 #!/usr/bin/env bash
 # The CUDA checks of pyops, for a machine with an NVIDIA GPU (no internet needed):
 # report the machine, build the extension in place for the visible GPU, run the CUDA
-# tests, then the CUDA benchmarks. Every step logs to OUT_DIR/<step>.log and its exit
+# tests, then the CUDA benchmarks. Every step logs to OUT_DIR/gpu_check.log and its exit
 # status goes to OUT_DIR/steps.tsv; a failed step does not stop the later ones, and the
-# script exits non-zero if any step failed.
+# script exits non-zero if any step failed. OUT_DIR ends with five files (the device
+# tool brings back at most eight): gpu_check.log, steps.tsv, pytest-cuda.xml, and the
+# benchmark's results.json (rewritten after every case) and speedup.png.
 #
 # Usage: scripts/gpu_check.sh OUT_DIR
 # Per-step time limits in seconds, together under 10 minutes (the whole run is meant to
@@ -29,16 +31,18 @@ printf 'step\tstatus\tseconds\n' >"$STATUS_FILE"
 failures=0
 
 # run_step NAME TIMEOUT_S COMMAND...: runs COMMAND with a time limit, tees its output to
-# OUT_DIR/NAME.log and records its status (124 means it ran out of time).
+# OUT_DIR/gpu_check.log and records its status (124 means it ran out of time).
+LOG_FILE="$OUT_DIR/gpu_check.log"
+: >"$LOG_FILE"
 run_step() {
   local name=$1 limit=$2
   shift 2
   local start=$SECONDS status
-  echo "=== [$name] $* (limit ${limit}s)" | tee "$OUT_DIR/$name.log"
-  timeout --kill-after=15 "$limit" "$@" 2>&1 | tee -a "$OUT_DIR/$name.log"
+  echo "=== [$name] $* (limit ${limit}s)" | tee -a "$LOG_FILE"
+  timeout --kill-after=15 "$limit" "$@" 2>&1 | tee -a "$LOG_FILE"
   status=$?
   printf '%s\t%s\t%s\n' "$name" "$status" "$((SECONDS - start))" >>"$STATUS_FILE"
-  echo "=== [$name] exit status $status after $((SECONDS - start))s" | tee -a "$OUT_DIR/$name.log"
+  echo "=== [$name] exit status $status after $((SECONDS - start))s" | tee -a "$LOG_FILE"
   if [[ $status -ne 0 ]]; then failures=$((failures + 1)); fi
   return 0
 }

@@ -136,24 +136,30 @@ def main(argv=None):
     print(report.table_header())
     for row in rows:
         print(report.table_row(row))
-    for case in cases:
-        row = run_case(case, policy, copy_gbs[case.device])
-        print(report.table_row(row), flush=True)
-        rows.append(row)
-
-    elapsed = time.perf_counter() - started
-    print()
-    print("\n".join(case_modules.summaries(args.family, rows) + report.summary(rows)))
-    print(f"{len(rows)} rows in {elapsed:.0f} s")
     settings = {
-        "finished": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "finished": None,  # set at the end: a partial results.json has none
         "scale": scale.value,
         "policy": dataclasses.asdict(policy),
         "devices": devices,
         "dtypes": [str(d).removeprefix("torch.") for d in dtypes],
         "families": args.family,
         "op_filter": args.op,
-        "elapsed_s": elapsed,
+        "elapsed_s": None,
     }
+    os.makedirs(args.out, exist_ok=True)
+    partial_json = os.path.join(args.out, "results.json")
+    for case in cases:
+        row = run_case(case, policy, copy_gbs[case.device])
+        print(report.table_row(row), flush=True)
+        rows.append(row)
+        # Rewritten after every case, so a run stopped by a time limit keeps what it measured.
+        report.write_json(partial_json, info, settings, rows)
+
+    elapsed = time.perf_counter() - started
+    print()
+    print("\n".join(case_modules.summaries(args.family, rows) + report.summary(rows)))
+    print(f"{len(rows)} rows in {elapsed:.0f} s")
+    settings["finished"] = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+    settings["elapsed_s"] = elapsed
     _write_outputs(args.out, info, settings, rows)
     return 1 if any(r.error for r in rows) else 0
