@@ -7,6 +7,7 @@ _C = load_extension()  # registers torch.ops.pyops.* before the Python side buil
 
 from pyops import _fake  # noqa: E402,F401  (fake/meta kernels for torch.compile)
 from pyops import functional, nn, optim  # noqa: E402
+from pyops._convert import convert, convert_optimizer  # noqa: E402
 
 __version__ = _C.version
 
@@ -32,4 +33,4 @@ def build_info():
     }
 
 
-__all__ = ["build_info", "functional", "nn", "optim", "__version__"]
+__all__ = ["build_info", "convert", "convert_optimizer", "functional", "nn", "optim", "__version__"]
