@@ -170,3 +170,12 @@ def test_linear_smoke_run_checks_every_case(tmp_path):
     cases = _smoke_rows(tmp_path, "linear")
     assert {r["op"] for r in cases} == {"linear", "linear_act"}
     assert all(r["flops"] > 0 for r in cases)
+
+
+def test_seed_network_smoke_run_checks_the_step(tmp_path):
+    assert cli.main(["--smoke", "--device", "cpu", "--family", "seed",
+                     "--out", str(tmp_path)]) == 0
+    rows = [r for r in json.loads((tmp_path / "results.json").read_text())["rows"]
+            if r["family"] == "seed"]
+    assert [r["variant"] for r in rows] == ["train step adadelta"]
+    assert rows[0]["error"] is None and rows[0]["checked"] and rows[0]["speedup"] > 0
