@@ -5,7 +5,8 @@
     python scripts/run.py test  [pytest options]        # the test suite
 
 Each first makes sure what it needs is installed, idempotently: torch (if absent),
-the tools it needs (ninja; pytest and hypothesis; matplotlib for the bench chart), and
+the tools it needs (ninja; pytest, hypothesis and scikit-learn for the tests; matplotlib
+for the bench chart), and
 pyops itself, built against the installed torch with
 `pip install --no-build-isolation -e .`. The build is incremental (ninja) and skipped
 entirely while the sources, the torch version and the PYOPS_* build variables are
@@ -21,7 +22,12 @@ import sys
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STAMP = os.path.join(ROOT, "build", ".pyops-install-stamp")
 BUILD_ENV = ("PYOPS_CUDA", "PYOPS_CPU_CAPABILITIES", "TORCH_CUDA_ARCH_LIST", "CUDA_HOME", "CXX")
-TOOLS = {"test": ["pytest", "hypothesis"], "bench": ["matplotlib"]}
+# What each command needs besides torch and pyops: import name -> pip package.
+TOOLS = {
+    "test": {"pytest": "pytest", "hypothesis": "hypothesis", "sklearn": "scikit-learn"},
+    "bench": {"matplotlib": "matplotlib"},
+}
+BUILD_TOOLS = {"ninja": "ninja", "setuptools": "setuptools", "wheel": "wheel"}
 
 
 def say(message):
@@ -33,8 +39,9 @@ def pip(*args):
                            *args])
 
 
-def ensure_modules(names):
-    missing = [n for n in names if importlib.util.find_spec(n) is None]
+def ensure_modules(packages):
+    missing = [package for module, package in packages.items()
+               if importlib.util.find_spec(module) is None]
     if missing:
         say(f"installing {' '.join(missing)}")
         pip(*missing)
@@ -91,7 +98,7 @@ def main(argv):
         say("torch is not installed: installing it")
         pip("torch>=2.11")
         torch_ver = torch_version()
-    ensure_modules(["ninja", "setuptools", "wheel"] + TOOLS[command])
+    ensure_modules({**BUILD_TOOLS, **TOOLS[command]})
     ensure_pyops(torch_ver)
     if command == "test":
         cmd = [sys.executable, "-m", "pytest", os.path.join(ROOT, "tests"), "-q", *rest]
