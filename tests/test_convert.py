@@ -117,3 +117,36 @@ def test_convert_optimizer_refuses_what_it_cannot_serve():
     with pytest.raises(ValueError, match="differentiable=True is not supported"):
         pyops.convert_optimizer(optimizer)
     assert type(optimizer) is torch.optim.Adam
+
+
+def test_thirty_adadelta_steps_follow_the_native_loss_curve():
+    torch.manual_seed(0)
+    native = seed_network().eval()  # dropout off
+    converted = pyops.convert(copy.deepcopy(native))
+    native_opt = torch.optim.Adadelta(native.parameters(), lr=0.5)
+    pyops_opt = pyops.optim.Adadelta(converted.parameters(), lr=0.5)
+    x = torch.randn(16, 1, 28, 28)
+    target = torch.randint(0, 10, (16,))
+    curves = ([], [])
+    for _ in range(30):
+        for model, optimizer, curve in ((native, native_opt, curves[0]),
+                                        (converted, pyops_opt, curves[1])):
+            optimizer.zero_grad()
+            loss = torch.nn.functional.nll_loss(model(x), target)
+            loss.backward()
+            optimizer.step()
+            curve.append(loss.item())
+    assert max(abs(a - b) for a, b in zip(*curves)) < 1e-3, curves
+    assert curves[1][-1] < curves[1][0]
+
+
+def test_torch_compile_fullgraph_of_the_converted_seed_network():
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    model = pyops.convert(seed_network()).eval()
+    x = torch.randn(4, 1, 28, 28, requires_grad=True)
+    compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
+    assert_close(compiled(x), model(x), rtol=1e-4, atol=1e-5)
+    (grad,) = torch.autograd.grad(compiled(x).sum(), x)
+    (ref,) = torch.autograd.grad(model(x).sum(), x)
+    assert_close(grad, ref, rtol=1e-4, atol=1e-5)
