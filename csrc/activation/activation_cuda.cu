@@ -224,16 +224,6 @@ __global__ void __launch_bounds__(kThreadsPerBlock)
   if (threadIdx.x == 0) a.partial[blockIdx.y * channels + channel] = sum;
 }
 
-template <typename T>
-__global__ void sum_partials_kernel(const opmath_t<T>* partial, int64_t slices, int64_t channels,
-                                    T* grad_bias) {
-  const int64_t channel = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
-  if (channel >= channels) return;
-  opmath_t<T> total = 0;
-  for (int64_t slice = 0; slice < slices; ++slice) total += partial[slice * channels + channel];
-  grad_bias[channel] = static_cast<T>(total);
-}
-
 // Slices per channel block (gridDim.y): enough blocks for one full wave, but never more
 // than `max_slices`, the number that gives every block work.
 int64_t slices_for(int64_t blocks_per_slice, int64_t max_slices) {
@@ -284,9 +274,7 @@ void launch_bias_backward(BiasBackwardArgs<T, Fn> args, T* grad_bias, const Tens
     }
   }
   C10_CUDA_KERNEL_LAUNCH_CHECK();
-  sum_partials_kernel<T><<<ceil_div(channels, kThreadsPerBlock), kThreadsPerBlock, 0, stream>>>(
-      args.partial, slices, channels, grad_bias);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  cuda::launch_sum_rows_in_order(args.partial, slices, channels, grad_bias, stream);
   // `partial` goes back to the caching allocator, which orders its reuse on this stream.
 }
 

@@ -108,6 +108,26 @@ __device__ Acc sum_over_rows(Acc value, Acc* scratch, int row, int rows, int col
   return reduce_over_rows(value, scratch, row, rows, column, columns, Plus{});
 }
 
+// out[i] = sum over p of parts[p * n + i], added in p order: the deterministic second
+// stage of a reduction whose first stage wrote one row of partial sums per block/split.
+template <typename T>
+__global__ void sum_rows_in_order_kernel(const opmath_t<T>* parts, int64_t rows, int64_t n,
+                                         T* out) {
+  const int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (i >= n) return;
+  opmath_t<T> total = 0;
+  for (int64_t row = 0; row < rows; ++row) total += parts[row * n + i];
+  out[i] = static_cast<T>(total);
+}
+
+template <typename T>
+void launch_sum_rows_in_order(const opmath_t<T>* parts, int64_t rows, int64_t n, T* out,
+                              cudaStream_t stream) {
+  sum_rows_in_order_kernel<T><<<ceil_div(n, kThreadsPerBlock), kThreadsPerBlock, 0, stream>>>(
+      parts, rows, n, out);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
 namespace detail {
 
 template <int N, typename T, typename Op, typename... In>

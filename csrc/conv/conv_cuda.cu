@@ -265,17 +265,6 @@ __global__ void depthwise_backward_input_kernel(ConvShape s, const T* grad_outpu
   }
 }
 
-// grad_weight[c] = sum of workspace[split][c] over splits, in split order.
-template <typename T>
-__global__ void sum_splits_kernel(const opmath_t<T>* workspace, int64_t splits, int64_t n,
-                                  T* grad_weight) {
-  const int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
-  if (i >= n) return;
-  opmath_t<T> total = 0;
-  for (int64_t split = 0; split < splits; ++split) total += workspace[split * n + i];
-  grad_weight[i] = static_cast<T>(total);
-}
-
 bool is_depthwise(const ConvShape& s) { return s.in_per_group() == 1; }
 
 // ---- Entry points -------------------------------------------------------------------------
@@ -344,10 +333,9 @@ void backward_weight(const ConvShape& s, const Tensor& input, const Tensor& grad
     p.workspace = workspace.mutable_data_ptr<Acc>();
     launch_implicit_gemm(p, s.groups, splits);
     const int64_t n = s.out_channels * s.patch_size();
-    sum_splits_kernel<scalar_t><<<ceil_div(n, cuda::kThreadsPerBlock), cuda::kThreadsPerBlock, 0,
-                                  at::cuda::getCurrentCUDAStream()>>>(
-        p.workspace, splits, n, grad_weight.data_ptr<scalar_t>());
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    // grad_weight = the splits' partial sums, added in split order.
+    cuda::launch_sum_rows_in_order(p.workspace, splits, n, grad_weight.data_ptr<scalar_t>(),
+                                   at::cuda::getCurrentCUDAStream());
   });
 }
 
