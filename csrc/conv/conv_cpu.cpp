@@ -22,6 +22,7 @@
 #include <type_traits>
 #include <vector>
 
+#include "common/cpu_gemm.h"
 #include "common/cpu_loops.h"
 #include "conv/conv.h"
 
@@ -35,6 +36,7 @@ using at::Tensor;
 using at::vec::Vectorized;
 using cpu::map_range;
 using cpu::opmath_t;
+namespace gemm = cpu::gemm;
 
 #define PYOPS_DISPATCH_FLOATING(dtype, name, ...) \
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, name, __VA_ARGS__)
@@ -550,6 +552,153 @@ void gemm_backward_weight(const ConvShape& s, const Tensor& input, const Tensor&
   grad_weight.view({s.out_channels, k}).copy_(partial.sum(0));
 }
 
+// ---- float32: im2col + pyops' register-blocked GEMM (common/cpu_gemm.h) ----------------
+// The same tiling as above, but the GEMM is single-threaded and hands each register tile
+// to the epilogue: the forward writes act(tile + bias) straight into the output, with no
+// result buffer in between. Used when there are at least as many tasks as threads (the
+// GEMM itself does not split); other dtypes and smaller problems take the ATen GEMM path.
+
+using gemm::Vec;
+constexpr int64_t kStrip = gemm::tile_cols(gemm::kMaxVecs);
+
+// A column tile that is a whole number of the widest register tiles, so that only a
+// sample's last tile has a ragged strip.
+int64_t strip_tile(int64_t patch_size, int64_t columns) {
+  const int64_t tile = column_tile(patch_size, columns, sizeof(float));
+  return tile >= columns ? columns : std::max(kStrip, tile / kStrip * kStrip);
+}
+
+bool use_packed_gemm(int64_t tasks) { return tasks >= at::get_num_threads(); }
+
+template <typename Fn>
+void sgemm_forward(const Fn& fn, const ConvShape& s, const float* in, const float* w,
+                   const float* bias, float* out) {
+  const int64_t in_pg = s.in_per_group(), out_pg = s.out_per_group(), k = s.patch_size();
+  const int64_t cols = s.out_plane();
+  const int64_t tile = strip_tile(k, cols);
+  const int64_t tiles = ceil_div(cols, tile);
+  const bool pointwise = is_pointwise(s);
+  at::parallel_for(0, s.batch * tiles, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> col(pointwise ? 0 : k * round_up(tile, kStrip));
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t n = task / tiles, c0 = (task % tiles) * tile;
+      const int64_t width = std::min(tile, cols - c0);
+      const int64_t ld = round_up(width, kStrip);  // im2col rows padded: no ragged strip copy
+      for (int64_t g = 0; g < s.groups; ++g) {
+        const float* plane = in + (n * s.in_channels + g * in_pg) * s.in_plane();
+        if (!pointwise) im2col(plane, s, c0, c0 + width, col.data(), ld);
+        float* dst = out + (n * s.out_channels + g * out_pg) * cols + c0;
+        const float* bias_g = bias ? bias + g * out_pg : nullptr;
+        gemm::gemm_tiles(
+            out_pg, width, k, w + g * out_pg * k, k, pointwise ? plane + c0 : col.data(),
+            pointwise ? cols : ld, /*b_padded=*/!pointwise,
+            [&](const auto& acc, int64_t row0, int rows, int64_t col0, int64_t ncols) {
+              gemm::store_tile(acc, rows, ncols, dst + row0 * cols + col0, cols,
+                               [&](int i, Vec v) {
+                                 return fn.forward(bias_g ? v + Vec(bias_g[row0 + i]) : v);
+                               });
+            });
+      }
+    }
+  });
+}
+
+template <typename Fn>
+void sgemm_backward_input(const Fn& fn, const ConvShape& s, const float* go, const Tensor& weight,
+                          const float* bias, float* gi) {
+  const int64_t in_pg = s.in_per_group(), out_pg = s.out_per_group(), k = s.patch_size();
+  const int64_t cols = s.out_plane(), in_plane = s.in_plane();
+  const int64_t tile = strip_tile(k, cols);
+  const bool pointwise = is_pointwise(s);
+  // weight_g^T, [k, out_pg] per group, so that its rows are the A rows of the GEMM.
+  const Tensor weight_t = weight.view({s.groups, out_pg, k}).transpose(1, 2).contiguous();
+  const float* wt = weight_t.const_data_ptr<float>();
+  const bool epilogue = bias != nullptr || !std::is_same_v<Fn, activation::Identity<float>>;
+  const auto keep = [](int, Vec v) { return v; };
+  at::parallel_for(0, s.batch, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> col(pointwise ? 0 : k * tile);
+    for (int64_t n = begin; n < end; ++n) {
+      for (int64_t g = 0; g < s.groups; ++g) {
+        float* plane = gi + (n * s.in_channels + g * in_pg) * in_plane;
+        const float* wt_g = wt + g * k * out_pg;
+        const float* grad = go + (n * s.out_channels + g * out_pg) * cols;
+        if (pointwise) {  // the gradient is weight_g^T @ grad_output[n, g] itself
+          gemm::gemm_tiles(k, cols, out_pg, wt_g, out_pg, grad, cols, false,
+                           [&](const auto& acc, int64_t row0, int rows, int64_t col0,
+                               int64_t ncols) {
+                             gemm::store_tile(acc, rows, ncols, plane + row0 * cols + col0, cols,
+                                              keep);
+                           });
+          continue;
+        }
+        std::fill(plane, plane + in_pg * in_plane, 0.f);
+        for (int64_t c0 = 0; c0 < cols; c0 += tile) {
+          const int64_t width = std::min(tile, cols - c0);
+          gemm::gemm_tiles(k, width, out_pg, wt_g, out_pg, grad + c0, cols, false,
+                           [&](const auto& acc, int64_t row0, int rows, int64_t col0,
+                               int64_t ncols) {
+                             gemm::store_tile(acc, rows, ncols, col.data() + row0 * width + col0,
+                                              width, keep);
+                           });
+          col2im_add(col.data(), width, s, c0, c0 + width, plane);
+        }
+      }
+      if (epilogue) {
+        for (int64_t ic = 0; ic < s.in_channels; ++ic) {
+          finish_row_inplace<float>(fn, bias != nullptr, bias ? bias[ic] : 0.f,
+                                    gi + (n * s.in_channels + ic) * in_plane, in_plane);
+        }
+      }
+    }
+  });
+}
+
+// grad_weight_g^T [k, out_pg] = sum_n im2col(input[n, g]) @ grad_output[n, g]^T: the im2col
+// rows are the GEMM's A rows as they are, and the (small) grad_output tile is transposed
+// into B. One fixed batch range per thread, each summing into its own buffer; the buffers
+// are added in range order (deterministic for a given thread count).
+void sgemm_backward_weight(const ConvShape& s, const float* in, const float* go,
+                           const Tensor& grad_weight) {
+  const int64_t in_pg = s.in_per_group(), out_pg = s.out_per_group(), k = s.patch_size();
+  const int64_t cols = s.out_plane();
+  const int64_t tile = strip_tile(k, cols);
+  const bool pointwise = is_pointwise(s);
+  const int64_t ldb = round_up(out_pg, kStrip);
+  const int64_t ranges = std::min<int64_t>(s.batch, at::get_num_threads());
+  Tensor partial = at::zeros({ranges, s.groups, k, out_pg}, grad_weight.options());
+  float* partial_data = partial.data_ptr<float>();
+  at::parallel_for(0, ranges, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> col(pointwise ? 0 : k * tile);
+    std::vector<float> grad_t(tile * ldb, 0.f);  // padding columns stay zero
+    for (int64_t r = begin; r < end; ++r) {
+      for (int64_t n = r * s.batch / ranges; n < (r + 1) * s.batch / ranges; ++n) {
+        for (int64_t g = 0; g < s.groups; ++g) {
+          const float* plane = in + (n * s.in_channels + g * in_pg) * s.in_plane();
+          const float* grad = go + (n * s.out_channels + g * out_pg) * cols;
+          float* sums = partial_data + (r * s.groups + g) * k * out_pg;
+          for (int64_t c0 = 0; c0 < cols; c0 += tile) {
+            const int64_t width = std::min(tile, cols - c0);
+            if (!pointwise) im2col(plane, s, c0, c0 + width, col.data(), width);
+            for (int64_t o = 0; o < out_pg; ++o) {
+              const float* src = grad + o * cols + c0;
+              for (int64_t j = 0; j < width; ++j) grad_t[j * ldb + o] = src[j];
+            }
+            gemm::gemm_tiles(k, out_pg, width, pointwise ? plane + c0 : col.data(),
+                             pointwise ? cols : width, grad_t.data(), ldb, /*b_padded=*/true,
+                             [&](const auto& acc, int64_t row0, int rows, int64_t col0,
+                                 int64_t ncols) {
+                               gemm::accumulate_tile(acc, rows, ncols,
+                                                     sums + row0 * out_pg + col0, out_pg);
+                             });
+          }
+        }
+      }
+    }
+  });
+  // [ranges, groups, k, out_pg] -> [groups, out_pg, k] = grad_weight's [out_channels, k].
+  grad_weight.view({s.groups, out_pg, k}).copy_(partial.sum(0).transpose(1, 2));
+}
+
 // ---- Entry points ------------------------------------------------------------------------
 
 DirectPlan forward_plan(const ConvShape& s) {
@@ -568,6 +717,13 @@ void forward(const ConvShape& s, const Tensor& input, const Tensor& weight, cons
         direct_forward<scalar_t>(fn, forward_plan(s), s.batch, s.groups, s.in_per_group(),
                                  s.out_per_group(), input.const_data_ptr<scalar_t>(),
                                  w.const_data_ptr<Acc>(), b, output.data_ptr<scalar_t>());
+      } else if constexpr (std::is_same_v<scalar_t, float>) {
+        if (use_packed_gemm(s.batch * ceil_div(s.out_plane(), strip_tile(s.patch_size(), s.out_plane())))) {
+          sgemm_forward(fn, s, input.const_data_ptr<float>(), weight.const_data_ptr<float>(), b,
+                        output.data_ptr<float>());
+        } else {
+          gemm_forward<scalar_t>(fn, s, input, weight, b, output);
+        }
       } else {
         gemm_forward<scalar_t>(fn, s, input, weight, b, output);
       }
@@ -604,6 +760,11 @@ void backward_input(const ConvShape& s, const Tensor& grad_output, const Tensor&
         direct_forward<scalar_t>(fn, plan, s.batch, s.groups, s.out_per_group(),
                                  s.in_per_group(), grad_output.const_data_ptr<scalar_t>(),
                                  w.const_data_ptr<Acc>(), b, grad_input.data_ptr<scalar_t>());
+      } else if (std::is_same_v<scalar_t, float> && use_packed_gemm(s.batch)) {
+        if constexpr (std::is_same_v<scalar_t, float>) {
+          sgemm_backward_input(fn, s, grad_output.const_data_ptr<float>(), weight, b,
+                               grad_input.data_ptr<float>());
+        }
       } else {
         gemm_backward_input<scalar_t>(fn, s, grad_output, weight, b, grad_input);
       }
@@ -618,6 +779,11 @@ void backward_weight(const ConvShape& s, const Tensor& input, const Tensor& grad
       direct_backward_weight<scalar_t>(s, forward_plan(s), input.const_data_ptr<scalar_t>(),
                                        grad_output.const_data_ptr<scalar_t>(),
                                        grad_weight.data_ptr<scalar_t>());
+    } else if (std::is_same_v<scalar_t, float> && use_packed_gemm(s.batch)) {
+      if constexpr (std::is_same_v<scalar_t, float>) {
+        sgemm_backward_weight(s, input.const_data_ptr<float>(), grad_output.const_data_ptr<float>(),
+                              grad_weight);
+      }
     } else {
       gemm_backward_weight<scalar_t>(s, input, grad_output, grad_weight);
     }

@@ -1,0 +1,161 @@
+#pragma once
+// A register-blocked single-precision GEMM for the per-capability CPU kernel files, used
+// where a kernel wants the product written straight into its own epilogue (conv + bias +
+// activation) and where ATen's BLAS is slow: the MKL torch ships takes its generic code
+// path on non-Intel CPUs (MKL_VERBOSE: "Intel(R) Architecture processors"), which on the
+// AVX-512 AMD machine of docs/BENCHMARKS.md runs at half the speed of this kernel.
+//
+// C[MR x NR] tiles are computed in registers: for each k, one vector row of B is loaded and
+// multiplied by MR broadcast elements of A. A is read in place (rows of stride lda, k
+// contiguous); B must be laid out with k rows of stride ldb and NR readable columns per
+// tile (callers pad it, or gemm_tiles() copies a ragged last strip). The result tile is
+// handed to a `store` callback, so the epilogue runs while the tile is in registers.
+// Single-threaded: callers parallelize over independent tiles or samples.
+
+#include <ATen/cpu/vec/vec.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <vector>
+
+#include "common/isa.h"
+
+namespace pyops::cpu {
+inline namespace PYOPS_ISA_NAMESPACE {
+
+namespace gemm {
+
+using Vec = at::vec::Vectorized<float>;
+constexpr int64_t kVec = Vec::size();
+
+// 32 vector registers with AVX-512 hold 6 x 4 accumulators plus the B row and a
+// broadcast; 16 (AVX2 and below) hold 6 x 2.
+constexpr int kRows = 6;
+constexpr int kMaxVecs = kVec >= 16 ? 4 : 2;
+
+// Columns of one register tile with `vecs` vectors per row.
+constexpr int64_t tile_cols(int vecs) { return vecs * kVec; }
+
+// The widest register tile worth using for n columns: narrower tiles waste less on a
+// matrix that has fewer columns than the widest tile.
+inline int vecs_for(int64_t n) {
+  int vecs = kMaxVecs;
+  while (vecs > 1 && tile_cols(vecs / 2) >= n) vecs /= 2;
+  return vecs;
+}
+
+// The result of one register tile: v[i][j] holds row i, columns [j * kVec, (j+1) * kVec).
+template <int Vecs>
+struct Tile {
+  Vec v[kRows][Vecs];
+};
+
+// A[rows x k] @ B[k x tile_cols(Vecs)]; rows < kRows repeat the last row of A (the
+// caller's store ignores them). The accumulators are locals: written through a reference
+// they would be stored back to memory on every k, since a float load may alias them.
+template <int Vecs>
+inline Tile<Vecs> multiply_tile(int64_t k, const float* a, int64_t lda, int rows, const float* b,
+                                int64_t ldb) {
+  const float* a_row[kRows];
+  for (int i = 0; i < kRows; ++i) a_row[i] = a + std::min(i, rows - 1) * lda;
+  Vec acc[kRows][Vecs];
+  for (int i = 0; i < kRows; ++i) {
+    for (int v = 0; v < Vecs; ++v) acc[i][v] = Vec(0.f);
+  }
+  for (int64_t p = 0; p < k; ++p) {
+    Vec b_row[Vecs];
+    for (int v = 0; v < Vecs; ++v) b_row[v] = Vec::loadu(b + p * ldb + v * kVec);
+    for (int i = 0; i < kRows; ++i) {
+      const Vec a_ip(a_row[i][p]);
+      for (int v = 0; v < Vecs; ++v) acc[i][v] = at::vec::fmadd(a_ip, b_row[v], acc[i][v]);
+    }
+  }
+  Tile<Vecs> tile;
+  for (int i = 0; i < kRows; ++i) {
+    for (int v = 0; v < Vecs; ++v) tile.v[i][v] = acc[i][v];
+  }
+  return tile;
+}
+
+// Writes rows x cols of a tile to dst (row stride ldd), through op(row, vector) if given.
+template <int Vecs, typename Op>
+inline void store_tile(const Tile<Vecs>& acc, int rows, int64_t cols, float* dst, int64_t ldd,
+                       const Op& op) {
+  for (int i = 0; i < rows; ++i) {
+    float* out = dst + i * ldd;
+    for (int v = 0; v < Vecs; ++v) {
+      const int64_t left = cols - v * kVec;
+      if (left <= 0) break;
+      const Vec value = op(i, acc.v[i][v]);
+      if (left >= kVec) {
+        value.store(out + v * kVec);
+      } else {
+        value.store(out + v * kVec, static_cast<int>(left));
+      }
+    }
+  }
+}
+
+// dst (row stride ldd) += the tile's rows x cols.
+template <int Vecs>
+inline void accumulate_tile(const Tile<Vecs>& acc, int rows, int64_t cols, float* dst,
+                            int64_t ldd) {
+  for (int i = 0; i < rows; ++i) {
+    float* out = dst + i * ldd;
+    for (int v = 0; v < Vecs; ++v) {
+      const int64_t left = cols - v * kVec;
+      if (left <= 0) break;
+      const int count = static_cast<int>(std::min<int64_t>(left, kVec));
+      (Vec::loadu(out + v * kVec, count) + acc.v[i][v]).store(out + v * kVec, count);
+    }
+  }
+}
+
+// For every register tile of C[m x n] = A[m x k] @ B[k x n]: computes it and calls
+// store(tile, row0, rows, col0, cols). B's columns past n up to the next multiple of the
+// tile width are read only when `b_padded` says they are readable; otherwise a ragged
+// last strip is first copied into a zero-padded buffer. Strips of B are the outer loop,
+// so one strip (k x tile width) stays in L1/L2 while every row block of A passes by.
+template <int Vecs, typename Store>
+void gemm_tiles_with(int64_t m, int64_t n, int64_t k, const float* a, int64_t lda,
+                     const float* b, int64_t ldb, bool b_padded, const Store& store) {
+  constexpr int64_t kCols = tile_cols(Vecs);
+  std::vector<float> ragged;
+  for (int64_t col0 = 0; col0 < n; col0 += kCols) {
+    const int64_t cols = std::min(kCols, n - col0);
+    const float* strip = b + col0;
+    int64_t strip_ld = ldb;
+    if (cols < kCols && !b_padded) {
+      ragged.assign(k * kCols, 0.f);
+      for (int64_t p = 0; p < k; ++p) {
+        std::copy(b + p * ldb + col0, b + p * ldb + col0 + cols, ragged.data() + p * kCols);
+      }
+      strip = ragged.data();
+      strip_ld = kCols;
+    }
+    for (int64_t row0 = 0; row0 < m; row0 += kRows) {
+      const int rows = static_cast<int>(std::min<int64_t>(kRows, m - row0));
+      const Tile<Vecs> acc = multiply_tile<Vecs>(k, a + row0 * lda, lda, rows, strip, strip_ld);
+      store(acc, row0, rows, col0, cols);
+    }
+  }
+}
+
+// gemm_tiles_with for the register tile width vecs_for(n) picks; `store` is a generic
+// callable taking any Tile<Vecs>.
+template <typename Store>
+void gemm_tiles(int64_t m, int64_t n, int64_t k, const float* a, int64_t lda, const float* b,
+                int64_t ldb, bool b_padded, const Store& store) {
+  switch (vecs_for(n)) {
+    case 1:
+      return gemm_tiles_with<1>(m, n, k, a, lda, b, ldb, b_padded, store);
+    case 2:
+      return gemm_tiles_with<2>(m, n, k, a, lda, b, ldb, b_padded, store);
+    default:
+      return gemm_tiles_with<kMaxVecs>(m, n, k, a, lda, b, ldb, b_padded, store);
+  }
+}
+
+}  // namespace gemm
+}  // namespace PYOPS_ISA_NAMESPACE
+}  // namespace pyops::cpu
