@@ -50,21 +50,31 @@ struct Tile {
   Vec v[kRows][Vecs];
 };
 
-// A[rows x k] @ B[k x tile_cols(Vecs)]; rows < kRows repeat the last row of A (the
-// caller's store ignores them). The accumulators are locals: written through a reference
-// they would be stored back to memory on every k, since a float load may alias them.
-template <int Vecs>
-inline Tile<Vecs> multiply_tile(int64_t k, const float* a, int64_t lda, int rows, const float* b,
-                                int64_t ldb) {
-  const float* a_row[kRows];
-  for (int i = 0; i < kRows; ++i) a_row[i] = a + std::min(i, rows - 1) * lda;
+// Where row r of an operand starts, relative to its base pointer: a fixed row stride,
+// or a table (an implicit im2col, whose rows are shifted views of one staged image).
+struct StridedRows {
+  int64_t ld;
+  int64_t operator()(int64_t r) const { return r * ld; }
+};
+struct TableRows {
+  const int64_t* offsets;
+  int64_t operator()(int64_t r) const { return offsets[r]; }
+};
+
+// A[kRows x k] @ B[k x tile_cols(Vecs)], A's rows given as pointers (k contiguous). The
+// accumulators are locals: written through a reference they would be stored back to
+// memory on every k, since a float load may alias them.
+template <int Vecs, typename BRows>
+inline Tile<Vecs> multiply_tile(int64_t k, const float* const (&a_row)[kRows], const float* b,
+                                const BRows& b_rows) {
   Vec acc[kRows][Vecs];
   for (int i = 0; i < kRows; ++i) {
     for (int v = 0; v < Vecs; ++v) acc[i][v] = Vec(0.f);
   }
   for (int64_t p = 0; p < k; ++p) {
+    const float* b_p = b + b_rows(p);
     Vec b_row[Vecs];
-    for (int v = 0; v < Vecs; ++v) b_row[v] = Vec::loadu(b + p * ldb + v * kVec);
+    for (int v = 0; v < Vecs; ++v) b_row[v] = Vec::loadu(b_p + v * kVec);
     for (int i = 0; i < kRows; ++i) {
       const Vec a_ip(a_row[i][p]);
       for (int v = 0; v < Vecs; ++v) acc[i][v] = at::vec::fmadd(a_ip, b_row[v], acc[i][v]);
@@ -112,30 +122,34 @@ inline void accumulate_tile(const Tile<Vecs>& acc, int rows, int64_t cols, float
 }
 
 // For every register tile of C[m x n] = A[m x k] @ B[k x n]: computes it and calls
-// store(tile, row0, rows, col0, cols). B's columns past n up to the next multiple of the
-// tile width are read only when `b_padded` says they are readable; otherwise a ragged
-// last strip is first copied into a zero-padded buffer. Strips of B are the outer loop,
-// so one strip (k x tile width) stays in L1/L2 while every row block of A passes by.
-template <int Vecs, typename Store>
-void gemm_tiles_with(int64_t m, int64_t n, int64_t k, const float* a, int64_t lda,
-                     const float* b, int64_t ldb, bool b_padded, const Store& store) {
+// store(tile, row0, rows, col0, cols). Row r of A starts at a + a_rows(r), row p of B at
+// b + b_rows(p). B's columns past n up to the next multiple of the tile width are read only
+// when `b_padded` says they are readable; otherwise a ragged last strip is first copied into
+// a zero-padded buffer. Strips of B are the outer loop, so one strip (k x tile width) stays
+// in L1/L2 while every row block of A passes by. Rows of a last partial row block repeat
+// A's last row (the store is told how many are real).
+template <int Vecs, typename ARows, typename BRows, typename Store>
+void gemm_tiles_with(int64_t m, int64_t n, int64_t k, const float* a, const ARows& a_rows,
+                     const float* b, const BRows& b_rows, bool b_padded, const Store& store) {
   constexpr int64_t kCols = tile_cols(Vecs);
   std::vector<float> ragged;
   for (int64_t col0 = 0; col0 < n; col0 += kCols) {
     const int64_t cols = std::min(kCols, n - col0);
-    const float* strip = b + col0;
-    int64_t strip_ld = ldb;
-    if (cols < kCols && !b_padded) {
+    const bool copy = cols < kCols && !b_padded;
+    if (copy) {
       ragged.assign(k * kCols, 0.f);
       for (int64_t p = 0; p < k; ++p) {
-        std::copy(b + p * ldb + col0, b + p * ldb + col0 + cols, ragged.data() + p * kCols);
+        const float* src = b + b_rows(p) + col0;
+        std::copy(src, src + cols, ragged.data() + p * kCols);
       }
-      strip = ragged.data();
-      strip_ld = kCols;
     }
     for (int64_t row0 = 0; row0 < m; row0 += kRows) {
       const int rows = static_cast<int>(std::min<int64_t>(kRows, m - row0));
-      const Tile<Vecs> acc = multiply_tile<Vecs>(k, a + row0 * lda, lda, rows, strip, strip_ld);
+      const float* a_row[kRows];
+      for (int i = 0; i < kRows; ++i) a_row[i] = a + a_rows(row0 + std::min(i, rows - 1));
+      const Tile<Vecs> acc =
+          copy ? multiply_tile<Vecs>(k, a_row, ragged.data(), StridedRows{kCols})
+               : multiply_tile<Vecs>(k, a_row, b + col0, b_rows);
       store(acc, row0, rows, col0, cols);
     }
   }
@@ -143,16 +157,16 @@ void gemm_tiles_with(int64_t m, int64_t n, int64_t k, const float* a, int64_t ld
 
 // gemm_tiles_with for the register tile width vecs_for(n) picks; `store` is a generic
 // callable taking any Tile<Vecs>.
-template <typename Store>
-void gemm_tiles(int64_t m, int64_t n, int64_t k, const float* a, int64_t lda, const float* b,
-                int64_t ldb, bool b_padded, const Store& store) {
+template <typename ARows, typename BRows, typename Store>
+void gemm_tiles(int64_t m, int64_t n, int64_t k, const float* a, const ARows& a_rows,
+                const float* b, const BRows& b_rows, bool b_padded, const Store& store) {
   switch (vecs_for(n)) {
     case 1:
-      return gemm_tiles_with<1>(m, n, k, a, lda, b, ldb, b_padded, store);
+      return gemm_tiles_with<1>(m, n, k, a, a_rows, b, b_rows, b_padded, store);
     case 2:
-      return gemm_tiles_with<2>(m, n, k, a, lda, b, ldb, b_padded, store);
+      return gemm_tiles_with<2>(m, n, k, a, a_rows, b, b_rows, b_padded, store);
     default:
-      return gemm_tiles_with<kMaxVecs>(m, n, k, a, lda, b, ldb, b_padded, store);
+      return gemm_tiles_with<kMaxVecs>(m, n, k, a, a_rows, b, b_rows, b_padded, store);
   }
 }
 

@@ -590,8 +590,9 @@ void sgemm_forward(const Fn& fn, const ConvShape& s, const float* in, const floa
         float* dst = out + (n * s.out_channels + g * out_pg) * cols + c0;
         const float* bias_g = bias ? bias + g * out_pg : nullptr;
         gemm::gemm_tiles(
-            out_pg, width, k, w + g * out_pg * k, k, pointwise ? plane + c0 : col.data(),
-            pointwise ? cols : ld, /*b_padded=*/!pointwise,
+            out_pg, width, k, w + g * out_pg * k, gemm::StridedRows{k},
+            pointwise ? plane + c0 : col.data(), gemm::StridedRows{pointwise ? cols : ld},
+            /*b_padded=*/!pointwise,
             [&](const auto& acc, int64_t row0, int rows, int64_t col0, int64_t ncols) {
               gemm::store_tile(acc, rows, ncols, dst + row0 * cols + col0, cols,
                                [&](int i, Vec v) {
@@ -623,7 +624,8 @@ void sgemm_backward_input(const Fn& fn, const ConvShape& s, const float* go, con
         const float* wt_g = wt + g * k * out_pg;
         const float* grad = go + (n * s.out_channels + g * out_pg) * cols;
         if (pointwise) {  // the gradient is weight_g^T @ grad_output[n, g] itself
-          gemm::gemm_tiles(k, cols, out_pg, wt_g, out_pg, grad, cols, false,
+          gemm::gemm_tiles(k, cols, out_pg, wt_g, gemm::StridedRows{out_pg}, grad,
+                           gemm::StridedRows{cols}, false,
                            [&](const auto& acc, int64_t row0, int rows, int64_t col0,
                                int64_t ncols) {
                              gemm::store_tile(acc, rows, ncols, plane + row0 * cols + col0, cols,
@@ -634,7 +636,8 @@ void sgemm_backward_input(const Fn& fn, const ConvShape& s, const float* go, con
         std::fill(plane, plane + in_pg * in_plane, 0.f);
         for (int64_t c0 = 0; c0 < cols; c0 += tile) {
           const int64_t width = std::min(tile, cols - c0);
-          gemm::gemm_tiles(k, width, out_pg, wt_g, out_pg, grad + c0, cols, false,
+          gemm::gemm_tiles(k, width, out_pg, wt_g, gemm::StridedRows{out_pg}, grad + c0,
+                           gemm::StridedRows{cols}, false,
                            [&](const auto& acc, int64_t row0, int rows, int64_t col0,
                                int64_t ncols) {
                              gemm::store_tile(acc, rows, ncols, col.data() + row0 * width + col0,
@@ -684,7 +687,8 @@ void sgemm_backward_weight(const ConvShape& s, const float* in, const float* go,
               for (int64_t j = 0; j < width; ++j) grad_t[j * ldb + o] = src[j];
             }
             gemm::gemm_tiles(k, out_pg, width, pointwise ? plane + c0 : col.data(),
-                             pointwise ? cols : width, grad_t.data(), ldb, /*b_padded=*/true,
+                             gemm::StridedRows{pointwise ? cols : width}, grad_t.data(),
+                             gemm::StridedRows{ldb}, /*b_padded=*/true,
                              [&](const auto& acc, int64_t row0, int rows, int64_t col0,
                                  int64_t ncols) {
                                gemm::accumulate_tile(acc, rows, ncols,
@@ -699,6 +703,151 @@ void sgemm_backward_weight(const ConvShape& s, const float* in, const float* go,
   grad_weight.view({s.groups, out_pg, k}).copy_(partial.sum(0).transpose(1, 2));
 }
 
+// ---- float32, stride 1: implicit GEMM over wide rows ---------------------------------
+// In the direct path's wide coordinates (DirectPlan: planes staged zero-padded with row
+// pitch wp, output (oh, ow) at wide column oh * wp + ow), the im2col row of tap (ic, kh, kw)
+// is the staged plane of ic shifted by kh * dilation_h * wp + kw * dilation_w. The GEMM
+// reads those rows in place through a table of offsets: no im2col matrix is written or
+// read back. The price is the wp - out_w discarded columns of each wide row.
+
+bool use_implicit_gemm(const ConvShape& s) {
+  return s.stride_h == 1 && s.stride_w == 1 && s.batch * s.groups >= at::get_num_threads();
+}
+
+// Offsets of the taps (ic, kh, kw) of `channels` staged planes, in im2col row order.
+std::vector<int64_t> tap_offsets(const DirectPlan& p, int64_t channels, int64_t plane_stride) {
+  std::vector<int64_t> offsets;
+  offsets.reserve(channels * p.kernel_h * p.kernel_w);
+  for (int64_t ic = 0; ic < channels; ++ic) {
+    for (int64_t kh = 0; kh < p.kernel_h; ++kh) {
+      for (int64_t kw = 0; kw < p.kernel_w; ++kw) {
+        offsets.push_back(ic * plane_stride + kh * p.dilation_h * p.staged_w() + kw * p.dilation_w);
+      }
+    }
+  }
+  return offsets;
+}
+
+// Writes the real outputs among wide columns [col0, col0 + cols) of a register tile, through
+// op(row, vector); row i goes to the output plane out + (row0 + i) * out_plane.
+template <typename TileT, typename Op>
+void store_wide(const TileT& acc, int rows, int64_t col0, int64_t cols, const DirectPlan& p,
+                float* out, const Op& op) {
+  constexpr int64_t kV = gemm::kVec;
+  const int64_t wp = p.staged_w(), out_plane = p.out_h * p.out_w;
+  constexpr int vecs = sizeof(acc.v[0]) / sizeof(Vec);
+  for (int v = 0; v < vecs && v * kV < cols; ++v) {
+    const int64_t first = col0 + v * kV;
+    const int64_t lanes = std::min(kV, cols - v * kV);
+    const int64_t oh = first / wp, ow = first % wp;
+    for (int i = 0; i < rows; ++i) {
+      float* plane = out + i * out_plane;
+      const Vec value = op(i, acc.v[i][v]);
+      if (ow + lanes <= p.out_w) {  // within one output row: the common case
+        value.store(plane + oh * p.out_w + ow, static_cast<int>(lanes));
+        continue;
+      }
+      float lane_values[kV];
+      value.store(lane_values);
+      for (int64_t lane = 0; lane < lanes;) {  // split at row ends, skip discarded columns
+        const int64_t c = first + lane, row = c / wp, col = c % wp;
+        const int64_t run = std::min(lanes - lane, wp - col);
+        if (col < p.out_w) {
+          const int64_t valid = std::min(run, p.out_w - col);
+          std::copy(lane_values + lane, lane_values + lane + valid, plane + row * p.out_w + col);
+        }
+        lane += run;
+      }
+    }
+  }
+}
+
+// output = act(conv(input) + bias) of a stride-1 plan; `weights` is [groups * out_pg,
+// in_pg * kh * kw]. Tasks are (sample, group); each stages its input planes once.
+template <typename Fn>
+void implicit_forward(const Fn& fn, const DirectPlan& p, int64_t batch, int64_t groups,
+                      int64_t in_pg, int64_t out_pg, const float* input, const float* weights,
+                      const float* bias, float* output) {
+  const int64_t k = in_pg * p.kernel_h * p.kernel_w;
+  const int64_t stride = staged_stride<float>(p);
+  const int64_t in_plane = p.src_h * p.src_w, out_plane = p.out_h * p.out_w;
+  const std::vector<int64_t> offsets = tap_offsets(p, in_pg, stride);
+  at::parallel_for(0, batch * groups, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> staged(in_pg * stride);
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t g = task % groups;
+      const float* src = input + task * in_pg * in_plane;  // (n, g) planes are consecutive
+      for (int64_t ic = 0; ic < in_pg; ++ic) {
+        stage_plane(src + ic * in_plane, p, staged.data() + ic * stride);
+      }
+      float* out = output + task * out_pg * out_plane;
+      const float* bias_g = bias ? bias + g * out_pg : nullptr;
+      gemm::gemm_tiles(out_pg, p.wide_len(), k, weights + g * out_pg * k, gemm::StridedRows{k},
+                       staged.data(), gemm::TableRows{offsets.data()}, /*b_padded=*/false,
+                       [&](const auto& acc, int64_t row0, int rows, int64_t col0, int64_t cols) {
+                         store_wide(acc, rows, col0, cols, p, out + row0 * out_plane,
+                                    [&](int i, Vec v) {
+                                      return fn.forward(bias_g ? v + Vec(bias_g[row0 + i]) : v);
+                                    });
+                       });
+    }
+  });
+}
+
+// grad_weight_g^T [k, out_pg] = sum_n (implicit im2col of input[n, g]) @ grad_output[n, g]^T
+// over wide columns, in chunks: each chunk of grad_output is transposed into B, with zero
+// rows at the discarded wide columns. Batch ranges and their order as in
+// sgemm_backward_weight.
+void implicit_backward_weight(const ConvShape& s, const DirectPlan& p, const float* input,
+                              const float* grad_output, const Tensor& grad_weight) {
+  constexpr int64_t kChunk = 256;  // wide columns per B block (kChunk x ldb floats in L1/L2)
+  const int64_t in_pg = s.in_per_group(), out_pg = s.out_per_group(), k = s.patch_size();
+  const int64_t stride = staged_stride<float>(p), wp = p.staged_w(), wide = p.wide_len();
+  const int64_t in_plane = s.in_plane(), out_plane = s.out_plane();
+  const int64_t ldb = round_up(out_pg, kStrip);
+  const std::vector<int64_t> offsets = tap_offsets(p, in_pg, stride);
+  const int64_t ranges = std::min<int64_t>(s.batch, at::get_num_threads());
+  Tensor partial = at::zeros({ranges, s.groups, k, out_pg}, grad_weight.options());
+  float* partial_data = partial.data_ptr<float>();
+  at::parallel_for(0, ranges, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> staged(in_pg * stride);
+    std::vector<float> grad_t(kChunk * ldb, 0.f);  // padding columns stay zero
+    for (int64_t r = begin; r < end; ++r) {
+      for (int64_t n = r * s.batch / ranges; n < (r + 1) * s.batch / ranges; ++n) {
+        for (int64_t g = 0; g < s.groups; ++g) {
+          const float* src = input + (n * s.in_channels + g * in_pg) * in_plane;
+          for (int64_t ic = 0; ic < in_pg; ++ic) {
+            stage_plane(src + ic * in_plane, p, staged.data() + ic * stride);
+          }
+          const float* grad = grad_output + (n * s.out_channels + g * out_pg) * out_plane;
+          float* sums = partial_data + (r * s.groups + g) * k * out_pg;
+          for (int64_t c0 = 0; c0 < wide; c0 += kChunk) {
+            const int64_t width = std::min(kChunk, wide - c0);
+            for (int64_t j = 0; j < width; ++j) {
+              const int64_t oh = (c0 + j) / wp, ow = (c0 + j) % wp;
+              float* row = grad_t.data() + j * ldb;
+              if (ow < s.out_w) {
+                const float* src_j = grad + oh * s.out_w + ow;
+                for (int64_t o = 0; o < out_pg; ++o) row[o] = src_j[o * out_plane];
+              } else {
+                std::fill(row, row + out_pg, 0.f);
+              }
+            }
+            gemm::gemm_tiles(k, out_pg, width, staged.data() + c0, gemm::TableRows{offsets.data()},
+                             grad_t.data(), gemm::StridedRows{ldb}, /*b_padded=*/true,
+                             [&](const auto& acc, int64_t row0, int rows, int64_t col0,
+                                 int64_t ncols) {
+                               gemm::accumulate_tile(acc, rows, ncols,
+                                                     sums + row0 * out_pg + col0, out_pg);
+                             });
+          }
+        }
+      }
+    }
+  });
+  grad_weight.view({s.groups, out_pg, k}).copy_(partial.sum(0).transpose(1, 2));
+}
+
 // ---- Entry points ------------------------------------------------------------------------
 
 DirectPlan forward_plan(const ConvShape& s) {
@@ -706,26 +855,70 @@ DirectPlan forward_plan(const ConvShape& s) {
                     s.out_w,    s.kernel_h, s.kernel_w, s.dilation_h, s.dilation_w};
 }
 
+// The path of one pass. `in_pg`/`out_pg` are the channels per group as the pass reads
+// and writes them (swapped for the input gradient); `tasks` is how many independent
+// (sample, tile) units the im2col path would have.
+enum class Path { kDirect, kImplicitGemm, kPackedGemm, kAtenGemm };
+
+template <typename T>
+Path choose_path(const ConvShape& s, int64_t in_pg, int64_t out_pg, int64_t tasks) {
+  if (use_direct(in_pg, out_pg, s.stride_h, s.stride_w)) return Path::kDirect;
+  if constexpr (std::is_same_v<T, float>) {
+    if (use_implicit_gemm(s)) return Path::kImplicitGemm;
+    if (use_packed_gemm(tasks)) return Path::kPackedGemm;
+  }
+  return Path::kAtenGemm;
+}
+
+// With stride 1 the input gradient is a correlation of grad_output with the flipped
+// kernel, channels swapped within each group, padded by dilation * (kernel - 1) - pad
+// (negative: cropped). These are that correlation's weights, [groups * in_pg, out_pg, kh, kw].
+template <typename Acc>
+Tensor flipped_weights(const ConvShape& s, const Tensor& weight) {
+  return weight.to(c10::CppTypeToScalarType<Acc>::value)
+      .view({s.groups, s.out_per_group(), s.in_per_group(), s.kernel_h, s.kernel_w})
+      .transpose(1, 2)
+      .flip({3, 4})
+      .contiguous();
+}
+
+DirectPlan input_grad_plan(const ConvShape& s) {
+  return DirectPlan{s.out_h,
+                    s.out_w,
+                    s.dilation_h * (s.kernel_h - 1) - s.pad_h,
+                    s.dilation_w * (s.kernel_w - 1) - s.pad_w,
+                    s.in_h,
+                    s.in_w,
+                    s.kernel_h,
+                    s.kernel_w,
+                    s.dilation_h,
+                    s.dilation_w};
+}
+
 void forward(const ConvShape& s, const Tensor& input, const Tensor& weight, const Tensor& bias,
              Activation act, double slope, const Tensor& output) {
   PYOPS_DISPATCH_FLOATING(input.scalar_type(), "pyops_conv2d_forward_cpu", [&] {
     using Acc = opmath_t<scalar_t>;
     const scalar_t* b = bias.defined() ? bias.const_data_ptr<scalar_t>() : nullptr;
+    const int64_t tiles = ceil_div(s.out_plane(), strip_tile(s.patch_size(), s.out_plane()));
+    const Path path = choose_path<scalar_t>(s, s.in_per_group(), s.out_per_group(), s.batch * tiles);
     visit_activation<Acc>(act, slope, [&](auto fn) {
-      if (use_direct(s.in_per_group(), s.out_per_group(), s.stride_h, s.stride_w)) {
+      if (path == Path::kDirect) {
         const Tensor w = weight.to(c10::CppTypeToScalarType<Acc>::value).contiguous();
         direct_forward<scalar_t>(fn, forward_plan(s), s.batch, s.groups, s.in_per_group(),
                                  s.out_per_group(), input.const_data_ptr<scalar_t>(),
                                  w.const_data_ptr<Acc>(), b, output.data_ptr<scalar_t>());
-      } else if constexpr (std::is_same_v<scalar_t, float>) {
-        if (use_packed_gemm(s.batch * ceil_div(s.out_plane(), strip_tile(s.patch_size(), s.out_plane())))) {
-          sgemm_forward(fn, s, input.const_data_ptr<float>(), weight.const_data_ptr<float>(), b,
-                        output.data_ptr<float>());
-        } else {
-          gemm_forward<scalar_t>(fn, s, input, weight, b, output);
-        }
-      } else {
+      } else if (path == Path::kAtenGemm) {
         gemm_forward<scalar_t>(fn, s, input, weight, b, output);
+      } else if constexpr (std::is_same_v<scalar_t, float>) {
+        const float* in = input.const_data_ptr<float>();
+        const float* w = weight.const_data_ptr<float>();
+        if (path == Path::kImplicitGemm) {
+          implicit_forward(fn, forward_plan(s), s.batch, s.groups, s.in_per_group(),
+                           s.out_per_group(), in, w, b, output.data_ptr<float>());
+        } else {
+          sgemm_forward(fn, s, in, w, b, output.data_ptr<float>());
+        }
       }
     });
   });
@@ -736,37 +929,25 @@ void backward_input(const ConvShape& s, const Tensor& grad_output, const Tensor&
   PYOPS_DISPATCH_FLOATING(grad_output.scalar_type(), "pyops_conv2d_backward_input_cpu", [&] {
     using Acc = opmath_t<scalar_t>;
     const scalar_t* b = bias.defined() ? bias.const_data_ptr<scalar_t>() : nullptr;
+    const Path path = choose_path<scalar_t>(s, s.out_per_group(), s.in_per_group(), s.batch);
     visit_activation<Acc>(act, slope, [&](auto fn) {
-      if (use_direct(s.out_per_group(), s.in_per_group(), s.stride_h, s.stride_w)) {
-        // With stride 1 the input gradient is a correlation of grad_output with the
-        // flipped kernel, channels swapped within each group, padded by
-        // dilation * (kernel - 1) - pad (negative: cropped).
-        const Tensor w = weight.to(c10::CppTypeToScalarType<Acc>::value)
-                             .view({s.groups, s.out_per_group(), s.in_per_group(), s.kernel_h,
-                                    s.kernel_w})
-                             .transpose(1, 2)
-                             .flip({3, 4})
-                             .contiguous();
-        const DirectPlan plan{s.out_h,
-                              s.out_w,
-                              s.dilation_h * (s.kernel_h - 1) - s.pad_h,
-                              s.dilation_w * (s.kernel_w - 1) - s.pad_w,
-                              s.in_h,
-                              s.in_w,
-                              s.kernel_h,
-                              s.kernel_w,
-                              s.dilation_h,
-                              s.dilation_w};
-        direct_forward<scalar_t>(fn, plan, s.batch, s.groups, s.out_per_group(),
+      if (path == Path::kDirect) {
+        const Tensor w = flipped_weights<Acc>(s, weight);
+        direct_forward<scalar_t>(fn, input_grad_plan(s), s.batch, s.groups, s.out_per_group(),
                                  s.in_per_group(), grad_output.const_data_ptr<scalar_t>(),
                                  w.const_data_ptr<Acc>(), b, grad_input.data_ptr<scalar_t>());
-      } else if (std::is_same_v<scalar_t, float> && use_packed_gemm(s.batch)) {
-        if constexpr (std::is_same_v<scalar_t, float>) {
+      } else if (path == Path::kAtenGemm) {
+        gemm_backward_input<scalar_t>(fn, s, grad_output, weight, b, grad_input);
+      } else if constexpr (std::is_same_v<scalar_t, float>) {
+        if (path == Path::kImplicitGemm) {
+          const Tensor w = flipped_weights<float>(s, weight);
+          implicit_forward(fn, input_grad_plan(s), s.batch, s.groups, s.out_per_group(),
+                           s.in_per_group(), grad_output.const_data_ptr<float>(),
+                           w.const_data_ptr<float>(), b, grad_input.data_ptr<float>());
+        } else {
           sgemm_backward_input(fn, s, grad_output.const_data_ptr<float>(), weight, b,
                                grad_input.data_ptr<float>());
         }
-      } else {
-        gemm_backward_input<scalar_t>(fn, s, grad_output, weight, b, grad_input);
       }
     });
   });
@@ -775,17 +956,21 @@ void backward_input(const ConvShape& s, const Tensor& grad_output, const Tensor&
 void backward_weight(const ConvShape& s, const Tensor& input, const Tensor& grad_output,
                      const Tensor& grad_weight) {
   PYOPS_DISPATCH_FLOATING(input.scalar_type(), "pyops_conv2d_backward_weight_cpu", [&] {
-    if (use_direct(s.in_per_group(), s.out_per_group(), s.stride_h, s.stride_w)) {
+    const Path path = choose_path<scalar_t>(s, s.in_per_group(), s.out_per_group(), s.batch);
+    if (path == Path::kDirect) {
       direct_backward_weight<scalar_t>(s, forward_plan(s), input.const_data_ptr<scalar_t>(),
                                        grad_output.const_data_ptr<scalar_t>(),
                                        grad_weight.data_ptr<scalar_t>());
-    } else if (std::is_same_v<scalar_t, float> && use_packed_gemm(s.batch)) {
-      if constexpr (std::is_same_v<scalar_t, float>) {
-        sgemm_backward_weight(s, input.const_data_ptr<float>(), grad_output.const_data_ptr<float>(),
-                              grad_weight);
-      }
-    } else {
+    } else if (path == Path::kAtenGemm) {
       gemm_backward_weight<scalar_t>(s, input, grad_output, grad_weight);
+    } else if constexpr (std::is_same_v<scalar_t, float>) {
+      const float* in = input.const_data_ptr<float>();
+      const float* go = grad_output.const_data_ptr<float>();
+      if (path == Path::kImplicitGemm) {
+        implicit_backward_weight(s, forward_plan(s), in, go, grad_weight);
+      } else {
+        sgemm_backward_weight(s, in, go, grad_weight);
+      }
     }
   });
 }
