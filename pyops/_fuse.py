@@ -185,12 +185,15 @@ class _Fuser:
             return f"{node.target} is called at {self.calls[node.target]} places"
         if _has_hooks(self.modules[node.target]):
             return f"{node.target} has hooks"
-        parent = self.gm.get_submodule(node.target.rpartition(".")[0])
-        if parent is not self.gm and id(parent) in self.model_modules:
-            # The GraphModule shares this parent with the model: replacing the child
-            # would change the model too.
+        if self._parent_is_the_models(node.target):
             return f"the parent of {node.target} is called as a whole as well"
         return None
+
+    def _parent_is_the_models(self, target):
+        # fx gives the GraphModule its own parent containers, except where the parent
+        # is itself called: replacing or deleting its child would change the model too.
+        parent = self.gm.get_submodule(target.rpartition(".")[0])
+        return parent is not self.gm and id(parent) in self.model_modules
 
     def _replace_module(self, node, module):
         parent_name, _, name = node.target.rpartition(".")
@@ -202,7 +205,7 @@ class _Fuser:
         self.gm.graph.erase_node(node)
         if node.op == "call_module":
             self.calls[node.target] -= 1
-            if self.calls[node.target] == 0:
+            if self.calls[node.target] == 0 and not self._parent_is_the_models(node.target):
                 self.gm.delete_submodule(node.target)
 
     def fuse_producer_activation(self):
@@ -214,16 +217,14 @@ class _Fuser:
             if fused_class is None:
                 continue
             users = list(node.users)
-            activations = [u for u in users if _activation(u, self.modules)]
-            if not activations:
+            act_node = next((u for u in users
+                             if u.args[:1] == (node,) and _activation(u, self.modules)), None)
+            if act_node is None:
                 continue
-            names = [node.target, _describe(activations[0])]
-            act_node = activations[0]
+            names = [node.target, _describe(act_node)]
             if len(users) != 1:
                 self.not_fused.append((names, f"the output of {node.target} is used "
                                               f"{len(users)} times"))
-                continue
-            if act_node.args[0] is not node:
                 continue
             reason = self._why_not_replace(node)
             if reason:
