@@ -12,6 +12,7 @@ import warnings
 
 import torch
 
+from pyops import _fuse
 from pyops import nn as pyops_nn
 from pyops import optim as pyops_optim
 
@@ -45,15 +46,24 @@ _PYOPS_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 
 @dataclasses.dataclass
 class ConversionReport:
-    """What `convert` did: qualified module names, swapped or left with the reason."""
+    """What `convert` did: qualified module names, swapped or left with the reason, and
+    with ``fuse=True`` the fusions made, the candidates left unfused and why, or why
+    fusion was skipped altogether (``fusion_skipped``)."""
 
     swapped: list = dataclasses.field(default_factory=list)  # [(name, "Conv2d"), ...]
     kept: list = dataclasses.field(default_factory=list)  # [(name, "BatchNorm2d", reason)]
+    fused: list = dataclasses.field(default_factory=list)  # [(["0", "1"], "Conv2dAct(relu)")]
+    not_fused: list = dataclasses.field(default_factory=list)  # [(["0", "1"], reason)]
+    fusion_skipped: str | None = None
 
     def __str__(self):
         lines = [f"pyops.convert: swapped {len(self.swapped)} module(s), kept {len(self.kept)}"]
         lines += [f"  swapped {name or '<root>'}: {kind}" for name, kind in self.swapped]
         lines += [f"  kept    {name or '<root>'}: {kind} ({why})" for name, kind, why in self.kept]
+        lines += [f"  fused   {' + '.join(names)} -> {kind}" for names, kind in self.fused]
+        lines += [f"  unfused {' + '.join(names)} ({why})" for names, why in self.not_fused]
+        if self.fusion_skipped:
+            lines.append(f"  fusion skipped: {self.fusion_skipped}")
         return "\n".join(lines)
 
 
@@ -73,18 +83,30 @@ def _why_not(module):
     return None
 
 
-def convert(model, return_report=False):
+def convert(model, fuse=False, return_report=False):
     """Swaps, in place, every module of `model` (itself included) that pyops serves for
-    its pyops twin, and returns `model` (and the ConversionReport with
-    ``return_report=True``). Modules pyops cannot serve exactly are left untouched and
-    listed; a warning names the ones of a type pyops supports that were still kept.
+    its pyops twin. Modules pyops cannot serve exactly are left untouched and listed; a
+    warning names the ones of a type pyops supports that were still kept.
+
+    ``fuse=False`` returns `model`. ``fuse=True`` then traces the converted model with
+    torch.fx and fuses conv -> activation, linear -> activation and relu -> max-pool
+    where that is exact, and returns a new ``torch.fx.GraphModule`` (named after the
+    model's class) holding the fused modules: use the returned module. It shares every
+    Parameter, buffer and unfused submodule with `model` (an optimizer built on `model`
+    keeps working; ``state_dict`` keys are `model`'s), and `model` itself stays valid,
+    converted but unfused. Where nothing fuses, `model` is returned. Where fx cannot
+    trace the model (data-dependent control flow, or a forward that differs between
+    train() and eval()), a warning says why and `model`, converted as with
+    ``fuse=False``, is returned.
+
+    ``return_report=True`` returns ``(result, ConversionReport)``.
     """
     if not isinstance(model, torch.nn.Module):
         raise TypeError(f"pyops.convert: expected a torch.nn.Module, got {type(model).__name__}")
     report = ConversionReport()
     for name, module in model.named_modules():
-        if type(module) in MODULE_TWINS.values():
-            continue  # already pyops
+        if type(module).__module__ == pyops_nn.__name__:
+            continue  # already pyops (a twin, or a fused module)
         has_own_compute = not list(module.children())
         reason = _why_not(module)
         if reason is None:
@@ -97,7 +119,18 @@ def convert(model, return_report=False):
         warnings.warn("pyops.convert kept modules it cannot serve exactly:\n" + "\n".join(
             f"  {name or '<root>'}: {kind} ({why})" for name, kind, why in supported_but_kept),
             stacklevel=2)
-    return (model, report) if return_report else model
+    result = model
+    if fuse:
+        try:
+            fused_model, report.fused, report.not_fused = _fuse.fuse(model)
+        except _fuse.Untraceable as error:
+            report.fusion_skipped = str(error)
+            warnings.warn(f"pyops.convert(fuse=True): fusion skipped: {error}. The model was "
+                          "still converted in place, as with fuse=False, and is returned "
+                          "unfused.", stacklevel=2)
+        else:
+            result = fused_model if fused_model is not None else model
+    return (result, report) if return_report else result
 
 
 def convert_optimizer(optimizer):

@@ -172,10 +172,11 @@ def test_linear_smoke_run_checks_every_case(tmp_path):
     assert all(r["flops"] > 0 for r in cases)
 
 
-def test_seed_network_smoke_run_checks_the_step(tmp_path):
+def test_seed_network_smoke_run_checks_the_steps(tmp_path):
     assert cli.main(["--smoke", "--device", "cpu", "--family", "seed",
                      "--out", str(tmp_path)]) == 0
     rows = [r for r in json.loads((tmp_path / "results.json").read_text())["rows"]
             if r["family"] == "seed"]
-    assert [r["variant"] for r in rows] == ["train step adadelta"]
-    assert rows[0]["error"] is None and rows[0]["checked"] and rows[0]["speedup"] > 0
+    assert [r["variant"] for r in rows] == ["train step adadelta", "train step adadelta fused"]
+    for row in rows:
+        assert row["error"] is None and row["checked"] and row["speedup"] > 0

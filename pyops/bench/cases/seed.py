@@ -1,7 +1,8 @@
 """The seed network's training step (DESIGN.md): forward, nll loss, backward and
 Adadelta(lr=0.5) at batch 64 on 28x28 inputs, dropout on. Native: the torch model and
 torch.optim.Adadelta. pyops: a copy of the same model swapped with pyops.convert and its
-optimizer with pyops.convert_optimizer (no fusion: convert(fuse=True) is still to come).
+optimizer with pyops.convert_optimizer; the "fused" row converts with fuse=True (conv ->
+relu and linear -> relu become single pyops operators).
 
 FLOPs per step (multiply-add = 2): forward conv1 2*64*32*26*26*9 = 24.9M, conv2
 2*64*64*24*24*32*9 = 1.36G, fc1 2*64*9216*128 = 151M, fc2 2*64*128*10; the backward twice
@@ -14,6 +15,7 @@ finite losses.
 """
 
 import copy
+import functools
 import math
 
 import torch
@@ -33,13 +35,13 @@ def seed_network():
     )
 
 
-def _setup(shape, dtype, device):
+def _setup(shape, dtype, device, fuse):
     torch.manual_seed(0)
     native = seed_network().to(device=device, dtype=dtype)
     converted = copy.deepcopy(native)
     native_opt = torch.optim.Adadelta(native.parameters(), lr=0.5)
     converted_opt = torch.optim.Adadelta(converted.parameters(), lr=0.5)
-    pyops.convert(converted)
+    converted = pyops.convert(converted, fuse=fuse)
     pyops.convert_optimizer(converted_opt)
     x = torch.randn(shape, dtype=dtype, device=device)
     target = torch.randint(0, 10, (shape[0],), device=device)
@@ -71,5 +73,7 @@ def cases(scale, device, dtype):
     traffic = Traffic(read={"input": batch * 28 * 28, "param": params, "grad": params,
                             "square_avg": params, "acc_delta": params},
                       write={"param": params, "square_avg": params, "acc_delta": params})
-    return [Case("seed_network", "train step adadelta", (batch, 1, 28, 28), dtype, device,
-                 traffic, _setup, check=_check, flops=3 * forward_flops)]
+    return [Case("seed_network", f"train step adadelta{' fused' if fuse else ''}",
+                 (batch, 1, 28, 28), dtype, device, traffic,
+                 functools.partial(_setup, fuse=fuse), check=_check, flops=3 * forward_flops)
+            for fuse in (False, True)]
