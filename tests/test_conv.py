@@ -16,7 +16,10 @@ from conftest import DEVICES, dtype_id
 
 # (id, input shape, weight shape, kwargs). Widths below, at and above SIMD multiples,
 # batch 1, one input channel, every path of the CPU kernels (direct: stride 1 with few
-# channels per group; im2col + GEMM otherwise; pointwise).
+# channels per group; float32 stride 1: implicit GEMM; float32 otherwise: im2col + pyops'
+# GEMM when there are enough samples for the threads, im2col + ATen's GEMM below that and
+# for the other dtypes; pointwise). The gemm_* cases have channel counts that leave partial
+# register tiles (6 rows) and several column strips.
 CONV_CASES = [
     ("seed_conv1", (3, 1, 28, 28), (8, 1, 3, 3), {}),
     ("k1", (2, 6, 7, 9), (5, 6, 1, 1), {}),
@@ -37,6 +40,11 @@ CONV_CASES = [
     ("out1", (2, 12, 9, 10), (1, 12, 3, 3), {"padding": 1}),
     ("kernel_fills_input", (2, 3, 5, 4), (2, 3, 5, 4), {}),
     ("big_pad", (1, 2, 3, 3), (2, 2, 1, 1), {"padding": 2}),
+    ("gemm_k3_p1", (3, 20, 19, 21), (13, 20, 3, 3), {"padding": 1}),
+    ("gemm_k3_s2_p1", (3, 20, 19, 21), (13, 20, 3, 3), {"stride": 2, "padding": 1}),
+    ("gemm_pad_over_kernel", (2, 8, 9, 10), (7, 8, 3, 3), {"padding": 3}),
+    ("gemm_groups_d2", (2, 24, 10, 11), (14, 12, 3, 3), {"padding": 1, "groups": 2, "dilation": 2}),
+    ("gemm_k1", (2, 16, 9, 30), (9, 16, 1, 1), {}),
 ]
 ACTIVATIONS = ["relu", "leaky_relu", "sigmoid", "tanh", "none"]
 NATIVE_ACTIVATION = {
