@@ -23,21 +23,27 @@ struct Philox4x32 {
   static constexpr uint32_t kWeyl1 = 0xBB67AE85u;
   static constexpr int kRounds = 10;
 
+  // One Philox round on the counter words under the round's key words.
+  C10_HOST_DEVICE C10_ALWAYS_INLINE static void round(uint32_t& x0, uint32_t& x1, uint32_t& x2, uint32_t& x3,
+                                    uint32_t k0, uint32_t k1) {
+    const uint64_t p0 = static_cast<uint64_t>(kMul0) * x0;
+    const uint64_t p1 = static_cast<uint64_t>(kMul1) * x2;
+    const uint32_t y0 = static_cast<uint32_t>(p1 >> 32) ^ x1 ^ k0;
+    const uint32_t y2 = static_cast<uint32_t>(p0 >> 32) ^ x3 ^ k1;
+    x1 = static_cast<uint32_t>(p1);
+    x3 = static_cast<uint32_t>(p0);
+    x0 = y0;
+    x2 = y2;
+  }
+
   // Four 32-bit random numbers for one 64-bit counter under one 64-bit key.
   C10_HOST_DEVICE static void block(uint64_t counter, uint64_t key, uint32_t out[4]) {
     uint32_t x0 = static_cast<uint32_t>(counter), x1 = static_cast<uint32_t>(counter >> 32);
     uint32_t x2 = 0, x3 = 0;
     uint32_t k0 = static_cast<uint32_t>(key), k1 = static_cast<uint32_t>(key >> 32);
 #pragma unroll
-    for (int round = 0; round < kRounds; ++round) {
-      const uint64_t p0 = static_cast<uint64_t>(kMul0) * x0;
-      const uint64_t p1 = static_cast<uint64_t>(kMul1) * x2;
-      const uint32_t y0 = static_cast<uint32_t>(p1 >> 32) ^ x1 ^ k0;
-      const uint32_t y2 = static_cast<uint32_t>(p0 >> 32) ^ x3 ^ k1;
-      x1 = static_cast<uint32_t>(p1);
-      x3 = static_cast<uint32_t>(p0);
-      x0 = y0;
-      x2 = y2;
+    for (int r = 0; r < kRounds; ++r) {
+      round(x0, x1, x2, x3, k0, k1);
       k0 += kWeyl0;
       k1 += kWeyl1;
     }
@@ -45,6 +51,34 @@ struct Philox4x32 {
     out[1] = x1;
     out[2] = x2;
     out[3] = x3;
+  }
+
+  // block() for the kWidth counters first, first + 1, ...: out[4 * i + lane] is lane
+  // `lane` of block first + i, i.e. the draws of kWidth * 4 consecutive elements. The
+  // lanes are independent, so the compiler runs the rounds on SIMD registers (CPU; the
+  // round must be inlined into the `omp simd` loop for that).
+  template <int kWidth>
+  static void blocks(uint64_t first, uint64_t key, uint32_t out[4 * kWidth]) {
+    uint32_t x0[kWidth], x1[kWidth], x2[kWidth], x3[kWidth];
+    for (int i = 0; i < kWidth; ++i) {
+      x0[i] = static_cast<uint32_t>(first + i);
+      x1[i] = static_cast<uint32_t>((first + i) >> 32);
+      x2[i] = 0;
+      x3[i] = 0;
+    }
+    uint32_t k0 = static_cast<uint32_t>(key), k1 = static_cast<uint32_t>(key >> 32);
+    for (int r = 0; r < kRounds; ++r) {
+#pragma omp simd
+      for (int i = 0; i < kWidth; ++i) round(x0[i], x1[i], x2[i], x3[i], k0, k1);
+      k0 += kWeyl0;
+      k1 += kWeyl1;
+    }
+    for (int i = 0; i < kWidth; ++i) {
+      out[4 * i] = x0[i];
+      out[4 * i + 1] = x1[i];
+      out[4 * i + 2] = x2[i];
+      out[4 * i + 3] = x3[i];
+    }
   }
 };
 
@@ -61,8 +95,10 @@ struct DropoutRule {
             p >= 1.0 ? Acc(0) : Acc(1) / static_cast<Acc>(1.0 - p)};
   }
   C10_HOST_DEVICE bool keep(uint32_t draw) const { return draw >= threshold; }
-  // x * mask * scale, multiplying like torch (a dropped NaN stays NaN).
-  C10_HOST_DEVICE Acc apply(Acc x, bool kept) const { return x * (kept ? scale : Acc(0)); }
+  // x * mask * scale, multiplying like torch (a dropped NaN stays NaN). Arithmetic, not a
+  // select: compilers turn `kept ? scale : 0` into a branch that a random mask mispredicts
+  // half the time.
+  C10_HOST_DEVICE Acc apply(Acc x, bool kept) const { return x * (static_cast<Acc>(kept) * scale); }
 };
 
 }  // namespace PYOPS_ISA_NAMESPACE
