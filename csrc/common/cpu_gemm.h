@@ -87,6 +87,39 @@ inline Tile<Vecs> multiply_tile(int64_t k, const float* const (&a_row)[kRows], c
   return tile;
 }
 
+// A[kRows x *] @ B[k x tile_cols(Vecs)] where the reduction runs over `runs` of A's columns
+// ([begin, begin + length) each, in order) and over B's rows 0, 1, ... consecutively: a
+// product that skips columns of A (the discarded columns of wide rows) without copying A.
+struct Run {
+  int64_t begin, length;
+};
+
+template <int Vecs>
+inline Tile<Vecs> multiply_tile_runs(const float* const (&a_row)[kRows], const Run* runs,
+                                     int64_t run_count, const float* b, int64_t ldb) {
+  Vec acc[kRows][Vecs];
+  for (int i = 0; i < kRows; ++i) {
+    for (int v = 0; v < Vecs; ++v) acc[i][v] = Vec(0.f);
+  }
+  const float* b_p = b;
+  for (int64_t r = 0; r < run_count; ++r) {
+    const int64_t end = runs[r].begin + runs[r].length;
+    for (int64_t p = runs[r].begin; p < end; ++p, b_p += ldb) {
+      Vec b_row[Vecs];
+      for (int v = 0; v < Vecs; ++v) b_row[v] = Vec::loadu(b_p + v * kVec);
+      for (int i = 0; i < kRows; ++i) {
+        const Vec a_ip(a_row[i][p]);
+        for (int v = 0; v < Vecs; ++v) acc[i][v] = at::vec::fmadd(a_ip, b_row[v], acc[i][v]);
+      }
+    }
+  }
+  Tile<Vecs> tile;
+  for (int i = 0; i < kRows; ++i) {
+    for (int v = 0; v < Vecs; ++v) tile.v[i][v] = acc[i][v];
+  }
+  return tile;
+}
+
 // Writes rows x cols of a tile to dst (row stride ldd), through op(row, vector) if given.
 template <int Vecs, typename Op>
 inline void store_tile(const Tile<Vecs>& acc, int rows, int64_t cols, float* dst, int64_t ldd,
@@ -152,6 +185,38 @@ void gemm_tiles_with(int64_t m, int64_t n, int64_t k, const float* a, const ARow
                : multiply_tile<Vecs>(k, a_row, b + col0, b_rows);
       store(acc, row0, rows, col0, cols);
     }
+  }
+}
+
+// gemm_tiles_with over runs of A's columns (multiply_tile_runs); B (one row per reduced
+// column, row stride ldb) must have readable columns up to the next tile width.
+template <int Vecs, typename ARows, typename Store>
+void gemm_tiles_runs_with(int64_t m, int64_t n, const float* a, const ARows& a_rows,
+                          const Run* runs, int64_t run_count, const float* b, int64_t ldb,
+                          const Store& store) {
+  constexpr int64_t kCols = tile_cols(Vecs);
+  for (int64_t col0 = 0; col0 < n; col0 += kCols) {
+    const int64_t cols = std::min(kCols, n - col0);
+    for (int64_t row0 = 0; row0 < m; row0 += kRows) {
+      const int rows = static_cast<int>(std::min<int64_t>(kRows, m - row0));
+      const float* a_row[kRows];
+      for (int i = 0; i < kRows; ++i) a_row[i] = a + a_rows(row0 + std::min(i, rows - 1));
+      store(multiply_tile_runs<Vecs>(a_row, runs, run_count, b + col0, ldb), row0, rows, col0,
+            cols);
+    }
+  }
+}
+
+template <typename ARows, typename Store>
+void gemm_tiles_runs(int64_t m, int64_t n, const float* a, const ARows& a_rows, const Run* runs,
+                     int64_t run_count, const float* b, int64_t ldb, const Store& store) {
+  switch (vecs_for(n)) {
+    case 1:
+      return gemm_tiles_runs_with<1>(m, n, a, a_rows, runs, run_count, b, ldb, store);
+    case 2:
+      return gemm_tiles_runs_with<2>(m, n, a, a_rows, runs, run_count, b, ldb, store);
+    default:
+      return gemm_tiles_runs_with<kMaxVecs>(m, n, a, a_rows, runs, run_count, b, ldb, store);
   }
 }
 

@@ -13,6 +13,7 @@
 #include <ATen/Parallel.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/from_blob.h>
+#include <ATen/ops/isfinite.h>
 #include <ATen/ops/mm.h>
 #include <ATen/ops/addmm.h>
 #include <ATen/ops/zeros.h>
@@ -794,24 +795,27 @@ void implicit_forward(const Fn& fn, const DirectPlan& p, int64_t batch, int64_t 
   });
 }
 
-// grad_weight_g^T [k, out_pg] = sum_n (implicit im2col of input[n, g]) @ grad_output[n, g]^T
-// over wide columns, in chunks: each chunk of grad_output is transposed into B, with zero
-// rows at the discarded wide columns. Batch ranges and their order as in
-// sgemm_backward_weight.
+// grad_weight_g^T [k, out_pg] = sum_n (implicit im2col of input[n, g]) @ grad_output[n, g]^T,
+// in chunks of whole output rows: each chunk of grad_output is transposed into B, and the
+// reduction runs over the real columns of each wide row only (a discarded column pairs
+// input values that no term of the convolution pairs: 0 * inf would leak NaN). Batch
+// ranges and their order as in sgemm_backward_weight.
 void implicit_backward_weight(const ConvShape& s, const DirectPlan& p, const float* input,
                               const float* grad_output, const Tensor& grad_weight) {
-  constexpr int64_t kChunk = 256;  // wide columns per B block (kChunk x ldb floats in L1/L2)
+  constexpr int64_t kChunk = 256;  // reduced columns per B block (kChunk x ldb floats)
   const int64_t in_pg = s.in_per_group(), out_pg = s.out_per_group(), k = s.patch_size();
-  const int64_t stride = staged_stride<float>(p), wp = p.staged_w(), wide = p.wide_len();
+  const int64_t stride = staged_stride<float>(p), wp = p.staged_w();
   const int64_t in_plane = s.in_plane(), out_plane = s.out_plane();
   const int64_t ldb = round_up(out_pg, kStrip);
+  const int64_t rows_per_chunk = std::max<int64_t>(1, kChunk / s.out_w);
   const std::vector<int64_t> offsets = tap_offsets(p, in_pg, stride);
   const int64_t ranges = std::min<int64_t>(s.batch, at::get_num_threads());
   Tensor partial = at::zeros({ranges, s.groups, k, out_pg}, grad_weight.options());
   float* partial_data = partial.data_ptr<float>();
   at::parallel_for(0, ranges, 1, [&](int64_t begin, int64_t end) {
     std::vector<float> staged(in_pg * stride);
-    std::vector<float> grad_t(kChunk * ldb, 0.f);  // padding columns stay zero
+    std::vector<float> grad_t(rows_per_chunk * s.out_w * ldb, 0.f);  // padding stays zero
+    std::vector<gemm::Run> runs(rows_per_chunk);
     for (int64_t r = begin; r < end; ++r) {
       for (int64_t n = r * s.batch / ranges; n < (r + 1) * s.batch / ranges; ++n) {
         for (int64_t g = 0; g < s.groups; ++g) {
@@ -821,25 +825,23 @@ void implicit_backward_weight(const ConvShape& s, const DirectPlan& p, const flo
           }
           const float* grad = grad_output + (n * s.out_channels + g * out_pg) * out_plane;
           float* sums = partial_data + (r * s.groups + g) * k * out_pg;
-          for (int64_t c0 = 0; c0 < wide; c0 += kChunk) {
-            const int64_t width = std::min(kChunk, wide - c0);
-            for (int64_t j = 0; j < width; ++j) {
-              const int64_t oh = (c0 + j) / wp, ow = (c0 + j) % wp;
-              float* row = grad_t.data() + j * ldb;
-              if (ow < s.out_w) {
-                const float* src_j = grad + oh * s.out_w + ow;
-                for (int64_t o = 0; o < out_pg; ++o) row[o] = src_j[o * out_plane];
-              } else {
-                std::fill(row, row + out_pg, 0.f);
-              }
+          for (int64_t oh0 = 0; oh0 < s.out_h; oh0 += rows_per_chunk) {
+            const int64_t chunk_rows = std::min(rows_per_chunk, s.out_h - oh0);
+            const int64_t columns = chunk_rows * s.out_w;  // contiguous in each grad plane
+            for (int64_t o = 0; o < out_pg; ++o) {
+              const float* src_o = grad + o * out_plane + oh0 * s.out_w;
+              for (int64_t q = 0; q < columns; ++q) grad_t[q * ldb + o] = src_o[q];
             }
-            gemm::gemm_tiles(k, out_pg, width, staged.data() + c0, gemm::TableRows{offsets.data()},
-                             grad_t.data(), gemm::StridedRows{ldb}, /*b_padded=*/true,
-                             [&](const auto& acc, int64_t row0, int rows, int64_t col0,
-                                 int64_t ncols) {
-                               gemm::accumulate_tile(acc, rows, ncols,
-                                                     sums + row0 * out_pg + col0, out_pg);
-                             });
+            for (int64_t row = 0; row < chunk_rows; ++row) {
+              runs[row] = gemm::Run{(oh0 + row) * wp, s.out_w};
+            }
+            gemm::gemm_tiles_runs(k, out_pg, staged.data(), gemm::TableRows{offsets.data()},
+                                  runs.data(), chunk_rows, grad_t.data(), ldb,
+                                  [&](const auto& acc, int64_t row0, int rows, int64_t col0,
+                                      int64_t ncols) {
+                                    gemm::accumulate_tile(acc, rows, ncols,
+                                                          sums + row0 * out_pg + col0, out_pg);
+                                  });
           }
         }
       }
@@ -849,6 +851,14 @@ void implicit_backward_weight(const ConvShape& s, const DirectPlan& p, const flo
 }
 
 // ---- Entry points ------------------------------------------------------------------------
+
+// The stride-1 input-gradient paths correlate the zero-padded grad_output with the flipped
+// kernel: they also multiply the padding by weights that no term of the convolution pairs
+// with it. Zero times a finite weight adds nothing; zero times inf or NaN would leak NaN
+// where the convolution has none, so such weights take an im2col path.
+bool all_finite(const Tensor& t) {
+  return at::isfinite(t).all().item<bool>();
+}
 
 DirectPlan forward_plan(const ConvShape& s) {
   return DirectPlan{s.in_h,     s.in_w,     s.pad_h,      s.pad_w,      s.out_h,
@@ -929,7 +939,11 @@ void backward_input(const ConvShape& s, const Tensor& grad_output, const Tensor&
   PYOPS_DISPATCH_FLOATING(grad_output.scalar_type(), "pyops_conv2d_backward_input_cpu", [&] {
     using Acc = opmath_t<scalar_t>;
     const scalar_t* b = bias.defined() ? bias.const_data_ptr<scalar_t>() : nullptr;
-    const Path path = choose_path<scalar_t>(s, s.out_per_group(), s.in_per_group(), s.batch);
+    Path path = choose_path<scalar_t>(s, s.out_per_group(), s.in_per_group(), s.batch);
+    if ((path == Path::kDirect || path == Path::kImplicitGemm) && !all_finite(weight)) {
+      path = std::is_same_v<scalar_t, float> && use_packed_gemm(s.batch) ? Path::kPackedGemm
+                                                                          : Path::kAtenGemm;
+    }
     visit_activation<Acc>(act, slope, [&](auto fn) {
       if (path == Path::kDirect) {
         const Tensor w = flipped_weights<Acc>(s, weight);
