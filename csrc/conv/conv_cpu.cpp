@@ -336,31 +336,31 @@ std::pair<int64_t, int64_t> inside_columns(const ConvShape& s, int64_t kw) {
   return {lo, hi};
 }
 
-// col[row, j] = im2col value of column begin + j, for one sample and group; `ld` is the
-// row stride of col.
-template <typename T>
-void im2col(const T* plane, const ConvShape& s, int64_t begin, int64_t end, T* col, int64_t ld) {
+// col[row, j] = im2col value of column begin + j, for one sample and group, converted to
+// col's type; `ld` is the row stride of col.
+template <typename T, typename C>
+void im2col(const T* plane, const ConvShape& s, int64_t begin, int64_t end, C* col, int64_t ld) {
   for (int64_t row = 0; row < s.patch_size(); ++row) {
     const int64_t kw = row % s.kernel_w, kh = (row / s.kernel_w) % s.kernel_h;
     const int64_t ic = row / (s.kernel_w * s.kernel_h);
     const int64_t iw0 = input_coord(0, kw, s.stride_w, s.pad_w, s.dilation_w);
     const auto [lo, hi] = inside_columns(s, kw);
     for_each_run(s, begin, end, [&](int64_t oh, int64_t ow0, int64_t ow1, int64_t offset) {
-      T* dst = col + row * ld + offset - ow0;  // dst[ow] for ow in [ow0, ow1)
+      C* dst = col + row * ld + offset - ow0;  // dst[ow] for ow in [ow0, ow1)
       const int64_t ih = input_coord(oh, kh, s.stride_h, s.pad_h, s.dilation_h);
       if (ih < 0 || ih >= s.in_h) {
-        std::fill(dst + ow0, dst + ow1, T(0));
+        std::fill(dst + ow0, dst + ow1, C(0));
         return;
       }
       const T* src = plane + (ic * s.in_h + ih) * s.in_w + iw0;
       const int64_t a = std::clamp(lo, ow0, ow1), b = std::clamp(hi, a, ow1);
-      std::fill(dst + ow0, dst + a, T(0));
+      std::fill(dst + ow0, dst + a, C(0));
       if (s.stride_w == 1) {
         std::copy(src + a, src + b, dst + a);
       } else {
-        for (int64_t ow = a; ow < b; ++ow) dst[ow] = src[ow * s.stride_w];
+        for (int64_t ow = a; ow < b; ++ow) dst[ow] = static_cast<C>(src[ow * s.stride_w]);
       }
-      std::fill(dst + b, dst + ow1, T(0));
+      std::fill(dst + b, dst + ow1, C(0));
     });
   }
 }
@@ -412,44 +412,87 @@ void for_each_task(int64_t tasks, const Body& body) {
   }
 }
 
+// The GEMMs run in Acc (float for half and bfloat16; the operands are converted as they
+// are gathered), so that sums over taps and channels, the bias and the activation all see
+// the unrounded result, which is rounded to T once, as torch's convolutions do. Rounding
+// the GEMM's output to bfloat16 before adding the bias would turn small pre-activations
+// into exact zeros or flip their sign, and with them relu's gradient mask.
+
+// The im2col block of columns [c0, c0 + width) of one sample's group as a k x width Acc
+// matrix: the input plane itself for a pointwise convolution of Acc data, otherwise
+// gathered (and converted) into `col`.
+template <typename T, typename Acc>
+Tensor im2col_block(const ConvShape& s, const T* plane, int64_t c0, int64_t width, Acc* col,
+                    const at::TensorOptions& acc_options) {
+  if constexpr (std::is_same_v<T, Acc>) {
+    if (is_pointwise(s)) return matrix(plane + c0, s.patch_size(), width, s.out_plane(), acc_options);
+  }
+  im2col(plane, s, c0, c0 + width, col, width);
+  return matrix(col, s.patch_size(), width, width, acc_options);
+}
+
+// `count` elements of `src` as Acc: `src` itself when T is Acc, else converted into `buffer`.
+template <typename T, typename Acc>
+const Acc* as_acc(const T* src, int64_t count, std::vector<Acc>& buffer) {
+  if constexpr (std::is_same_v<T, Acc>) {
+    return src;
+  } else {
+    buffer.resize(count);
+    at::vec::convert(src, buffer.data(), count);
+    return buffer.data();
+  }
+}
+
+// dst[i] = act(src[i] + bias) (bias and act optional), rounded to T once. `src` may be
+// overwritten; it may be `dst` itself when T is Acc.
+template <typename T, typename Acc, typename Fn>
+void finish_row(const Fn& fn, bool epilogue, bool has_bias, Acc bias, Acc* src, T* dst,
+                int64_t n) {
+  if constexpr (std::is_same_v<T, Acc>) {
+    if (!epilogue) {
+      if (src != dst) std::copy(src, src + n, dst);
+    } else if (has_bias) {
+      map_range([fn, bias](auto x) { using V = decltype(x); return fn.forward(x + V(bias)); }, n,
+                dst, src);
+    } else {
+      map_range([fn](auto x) { return fn.forward(x); }, n, dst, src);
+    }
+  } else {
+    if (epilogue) finish_row_inplace<Acc>(fn, has_bias, bias, src, n);
+    at::vec::convert(src, dst, n);
+  }
+}
+
 // Tasks are (sample, column tile); each does every group of its tile.
 template <typename T, typename Fn>
 void gemm_forward(const Fn& fn, const ConvShape& s, const Tensor& input, const Tensor& weight,
                   const T* bias, const Tensor& output) {
   using Acc = opmath_t<T>;
-  const auto options = input.options();
-  const int64_t in_pg = s.in_per_group(), out_pg = s.out_per_group(), k = s.patch_size();
+  const auto acc_options = input.options().dtype(c10::CppTypeToScalarType<Acc>::value);
+  const int64_t out_pg = s.out_per_group(), k = s.patch_size(), in_pg = s.in_per_group();
   const int64_t cols = s.out_plane();
-  const int64_t tile = column_tile(k, cols, sizeof(T));
+  const int64_t tile = column_tile(k, cols, sizeof(Acc));
   const int64_t tiles = ceil_div(cols, tile);
-  const bool pointwise = is_pointwise(s);
+  const Tensor weight_acc = weight.to(acc_options.dtype()).contiguous();
   const T* in = input.const_data_ptr<T>();
-  const T* w = weight.const_data_ptr<T>();
+  const Acc* w = weight_acc.const_data_ptr<Acc>();
   T* out = output.data_ptr<T>();
   for_each_task(s.batch * tiles, [&](int64_t begin, int64_t end) {
-    std::vector<T> col(pointwise ? 0 : k * tile);
-    std::vector<T> result(out_pg * tile);
+    std::vector<Acc> col(k * tile);
+    std::vector<Acc> result(out_pg * tile);
     for (int64_t task = begin; task < end; ++task) {
       const int64_t n = task / tiles, c0 = (task % tiles) * tile;
       const int64_t width = std::min(tile, cols - c0);
       for (int64_t g = 0; g < s.groups; ++g) {
         const T* plane = in + (n * s.in_channels + g * in_pg) * s.in_plane();
-        if (!pointwise) im2col(plane, s, c0, c0 + width, col.data(), width);
-        Tensor result_g = matrix(result.data(), out_pg, width, width, options);
-        at::mm_out(result_g, matrix(w + g * out_pg * k, out_pg, k, k, options),
-                   pointwise ? matrix(plane + c0, k, width, cols, options)
-                             : matrix(col.data(), k, width, width, options));
+        Tensor result_g = matrix(result.data(), out_pg, width, width, acc_options);
+        at::mm_out(result_g, matrix(w + g * out_pg * k, out_pg, k, k, acc_options),
+                   im2col_block(s, plane, c0, width, col.data(), acc_options));
         for (int64_t o = 0; o < out_pg; ++o) {
           const int64_t oc = g * out_pg + o;
-          const Acc b = bias ? static_cast<Acc>(bias[oc]) : Acc(0);
-          T* dst = out + (n * s.out_channels + oc) * cols + c0;
-          const T* src = result.data() + o * width;
-          if (bias) {
-            map_range([fn, b](auto x) { using V = decltype(x); return fn.forward(x + V(b)); },
-                      width, dst, src);
-          } else {
-            map_range([fn](auto x) { return fn.forward(x); }, width, dst, src);
-          }
+          finish_row(fn, true, bias != nullptr, bias ? static_cast<Acc>(bias[oc]) : Acc(0),
+                     result.data() + o * width, out + (n * s.out_channels + oc) * cols + c0,
+                     width);
         }
       }
     }
@@ -461,92 +504,99 @@ template <typename T, typename Fn>
 void gemm_backward_input(const Fn& fn, const ConvShape& s, const Tensor& grad_output,
                          const Tensor& weight, const T* bias, const Tensor& grad_input) {
   using Acc = opmath_t<T>;
-  const auto options = grad_output.options();
+  constexpr bool kInPlace = std::is_same_v<T, Acc>;  // sum straight into grad_input
+  const auto acc_options = grad_output.options().dtype(c10::CppTypeToScalarType<Acc>::value);
   const int64_t in_pg = s.in_per_group(), out_pg = s.out_per_group(), k = s.patch_size();
   const int64_t cols = s.out_plane(), in_plane = s.in_plane();
-  const int64_t tile = column_tile(k, cols, sizeof(T));
+  const int64_t tile = column_tile(k, cols, sizeof(Acc));
   const bool pointwise = is_pointwise(s);
+  const Tensor weight_acc = weight.to(acc_options.dtype()).contiguous();
   const T* go = grad_output.const_data_ptr<T>();
-  const T* w = weight.const_data_ptr<T>();
+  const Acc* w = weight_acc.const_data_ptr<Acc>();
   T* gi = grad_input.data_ptr<T>();
   const bool epilogue = bias != nullptr || !std::is_same_v<Fn, activation::Identity<Acc>>;
   for_each_task(s.batch, [&](int64_t begin, int64_t end) {
-    std::vector<T> col(pointwise ? 0 : k * tile);
+    std::vector<Acc> col(pointwise ? 0 : k * tile);
+    std::vector<Acc> grad_buffer;
+    std::vector<Acc> sum_buffer(kInPlace ? 0 : in_pg * in_plane);
     for (int64_t n = begin; n < end; ++n) {
       for (int64_t g = 0; g < s.groups; ++g) {
         T* plane = gi + (n * s.in_channels + g * in_pg) * in_plane;
-        const Tensor weight_t = matrix(w + g * out_pg * k, out_pg, k, k, options).t();
-        const T* grad = go + (n * s.out_channels + g * out_pg) * cols;
+        Acc* sum = nullptr;
+        if constexpr (kInPlace) {
+          sum = plane;
+        } else {
+          sum = sum_buffer.data();
+        }
+        const Tensor weight_t = matrix(w + g * out_pg * k, out_pg, k, k, acc_options).t();
+        const Acc* grad =
+            as_acc(go + (n * s.out_channels + g * out_pg) * cols, out_pg * cols, grad_buffer);
         if (pointwise) {  // the gradient is weight_g^T @ grad_output[n, g] itself
-          Tensor result = matrix(plane, k, cols, cols, options);
-          at::mm_out(result, weight_t, matrix(grad, out_pg, cols, cols, options));
-          continue;
+          Tensor result = matrix(sum, k, cols, cols, acc_options);
+          at::mm_out(result, weight_t, matrix(grad, out_pg, cols, cols, acc_options));
+        } else {
+          std::fill(sum, sum + in_pg * in_plane, Acc(0));
+          for (int64_t c0 = 0; c0 < cols; c0 += tile) {
+            const int64_t width = std::min(tile, cols - c0);
+            Tensor result = matrix(col.data(), k, width, width, acc_options);
+            at::mm_out(result, weight_t, matrix(grad + c0, out_pg, width, cols, acc_options));
+            col2im_add(col.data(), width, s, c0, c0 + width, sum);
+          }
         }
-        std::fill(plane, plane + in_pg * in_plane, T(0));
-        for (int64_t c0 = 0; c0 < cols; c0 += tile) {
-          const int64_t width = std::min(tile, cols - c0);
-          Tensor result = matrix(col.data(), k, width, width, options);
-          at::mm_out(result, weight_t, matrix(grad + c0, out_pg, width, cols, options));
-          col2im_add(col.data(), width, s, c0, c0 + width, plane);
-        }
-      }
-      if (epilogue) {
-        for (int64_t ic = 0; ic < s.in_channels; ++ic) {
-          finish_row_inplace<T>(fn, bias != nullptr, bias ? static_cast<Acc>(bias[ic]) : Acc(0),
-                                gi + (n * s.in_channels + ic) * in_plane, in_plane);
+        if (epilogue || !kInPlace) {
+          for (int64_t i = 0; i < in_pg; ++i) {
+            const int64_t ic = g * in_pg + i;
+            finish_row(fn, epilogue, bias != nullptr, bias ? static_cast<Acc>(bias[ic]) : Acc(0),
+                       sum + i * in_plane, plane + i * in_plane, in_plane);
+          }
         }
       }
     }
   });
 }
 
+// Samples per partial sum of the weight gradient: the batch is cut into at most this many
+// fixed ranges, whatever the number of threads, so the sums (and their rounding) are the
+// same for any thread count.
+constexpr int64_t kWeightGradRanges = 8;
+
 // grad_weight_g = sum_n grad_output[n, g] @ im2col(input[n, g])^T. The batch is cut into
-// one fixed range per thread, each summing into its own buffer (in opmath); the buffers
-// are then added in range order.
+// at most kWeightGradRanges ranges, each summing into its own buffer (in Acc), in
+// parallel; the buffers are then added in range order.
 template <typename T>
 void gemm_backward_weight(const ConvShape& s, const Tensor& input, const Tensor& grad_output,
                           const Tensor& grad_weight) {
   using Acc = opmath_t<T>;
-  const auto options = input.options();
-  const auto acc_options = options.dtype(c10::CppTypeToScalarType<Acc>::value);
+  const auto acc_options = input.options().dtype(c10::CppTypeToScalarType<Acc>::value);
   const int64_t in_pg = s.in_per_group(), out_pg = s.out_per_group(), k = s.patch_size();
   const int64_t cols = s.out_plane();
-  const int64_t tile = column_tile(k, cols, sizeof(T));
-  const bool pointwise = is_pointwise(s);
+  const int64_t tile = column_tile(k, cols, sizeof(Acc));
   const T* in = input.const_data_ptr<T>();
   const T* go = grad_output.const_data_ptr<T>();
-  const int64_t ranges = std::min<int64_t>(s.batch, at::get_num_threads());
+  const int64_t ranges = std::min<int64_t>(s.batch, kWeightGradRanges);
   Tensor partial = at::zeros({ranges, s.out_channels, k}, acc_options);
   auto body = [&](int64_t begin, int64_t end) {
-    std::vector<T> col(pointwise ? 0 : k * tile);
+    std::vector<Acc> col(k * tile);
+    std::vector<Acc> grad_buffer;
     for (int64_t r = begin; r < end; ++r) {
       Acc* sums = partial.data_ptr<Acc>() + r * s.out_channels * k;
       for (int64_t n = r * s.batch / ranges; n < (r + 1) * s.batch / ranges; ++n) {
         for (int64_t g = 0; g < s.groups; ++g) {
           const T* plane = in + (n * s.in_channels + g * in_pg) * s.in_plane();
-          const T* grad = go + (n * s.out_channels + g * out_pg) * cols;
+          const Acc* grad =
+              as_acc(go + (n * s.out_channels + g * out_pg) * cols, out_pg * cols, grad_buffer);
           Tensor sum_g = matrix(sums + g * out_pg * k, out_pg, k, k, acc_options);
           for (int64_t c0 = 0; c0 < cols; c0 += tile) {
             const int64_t width = std::min(tile, cols - c0);
-            if (!pointwise) im2col(plane, s, c0, c0 + width, col.data(), width);
-            const Tensor grad_tile = matrix(grad + c0, out_pg, width, cols, options);
-            const Tensor col_t = pointwise ? matrix(plane + c0, k, width, cols, options).t()
-                                           : matrix(col.data(), k, width, width, options).t();
-            if constexpr (std::is_same_v<T, Acc>) {
-              at::addmm_out(sum_g, sum_g, grad_tile, col_t);
-            } else {
-              sum_g.add_(at::mm(grad_tile, col_t));  // reduced precision: sum in float
-            }
+            const Tensor grad_tile = matrix(grad + c0, out_pg, width, cols, acc_options);
+            at::addmm_out(sum_g, sum_g, grad_tile,
+                          im2col_block(s, plane, c0, width, col.data(), acc_options).t());
           }
         }
       }
     }
   };
-  if (ranges > 1) {
-    at::parallel_for(0, ranges, 1, body);
-  } else {
-    body(0, ranges);
-  }
+  for_each_task(ranges, body);
   grad_weight.view({s.out_channels, k}).copy_(partial.sum(0));
 }
 
