@@ -418,6 +418,13 @@ void for_each_task(int64_t tasks, const Body& body) {
 // the GEMM's output to bfloat16 before adding the bias would turn small pre-activations
 // into exact zeros or flip their sign, and with them relu's gradient mask.
 
+// Whether the GEMM reads the input through an im2col buffer: all but pointwise
+// convolutions of Acc data, whose input plane already is the k x columns matrix.
+template <typename T, typename Acc>
+bool gathers_columns(const ConvShape& s) {
+  return !(std::is_same_v<T, Acc> && is_pointwise(s));
+}
+
 // The im2col block of columns [c0, c0 + width) of one sample's group as a k x width Acc
 // matrix: the input plane itself for a pointwise convolution of Acc data, otherwise
 // gathered (and converted) into `col`.
@@ -425,7 +432,9 @@ template <typename T, typename Acc>
 Tensor im2col_block(const ConvShape& s, const T* plane, int64_t c0, int64_t width, Acc* col,
                     const at::TensorOptions& acc_options) {
   if constexpr (std::is_same_v<T, Acc>) {
-    if (is_pointwise(s)) return matrix(plane + c0, s.patch_size(), width, s.out_plane(), acc_options);
+    if (!gathers_columns<T, Acc>(s)) {
+      return matrix(plane + c0, s.patch_size(), width, s.out_plane(), acc_options);
+    }
   }
   im2col(plane, s, c0, c0 + width, col, width);
   return matrix(col, s.patch_size(), width, width, acc_options);
@@ -469,7 +478,7 @@ void gemm_forward(const Fn& fn, const ConvShape& s, const Tensor& input, const T
                   const T* bias, const Tensor& output) {
   using Acc = opmath_t<T>;
   const auto acc_options = input.options().dtype(c10::CppTypeToScalarType<Acc>::value);
-  const int64_t out_pg = s.out_per_group(), k = s.patch_size(), in_pg = s.in_per_group();
+  const int64_t in_pg = s.in_per_group(), out_pg = s.out_per_group(), k = s.patch_size();
   const int64_t cols = s.out_plane();
   const int64_t tile = column_tile(k, cols, sizeof(Acc));
   const int64_t tiles = ceil_div(cols, tile);
@@ -478,7 +487,7 @@ void gemm_forward(const Fn& fn, const ConvShape& s, const Tensor& input, const T
   const Acc* w = weight_acc.const_data_ptr<Acc>();
   T* out = output.data_ptr<T>();
   for_each_task(s.batch * tiles, [&](int64_t begin, int64_t end) {
-    std::vector<Acc> col(k * tile);
+    std::vector<Acc> col(gathers_columns<T, Acc>(s) ? k * tile : 0);
     std::vector<Acc> result(out_pg * tile);
     for (int64_t task = begin; task < end; ++task) {
       const int64_t n = task / tiles, c0 = (task % tiles) * tile;
@@ -576,7 +585,7 @@ void gemm_backward_weight(const ConvShape& s, const Tensor& input, const Tensor&
   const int64_t ranges = std::min<int64_t>(s.batch, kWeightGradRanges);
   Tensor partial = at::zeros({ranges, s.out_channels, k}, acc_options);
   auto body = [&](int64_t begin, int64_t end) {
-    std::vector<Acc> col(k * tile);
+    std::vector<Acc> col(gathers_columns<T, Acc>(s) ? k * tile : 0);
     std::vector<Acc> grad_buffer;
     for (int64_t r = begin; r < end; ++r) {
       Acc* sums = partial.data_ptr<Acc>() + r * s.out_channels * k;
