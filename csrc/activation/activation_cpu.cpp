@@ -101,14 +101,19 @@ void bias_backward(Activation act, double slope, bool saved_is_result, const Ten
         const int64_t blocks = (outer + block_rows - 1) / block_rows;
         std::vector<Sum> partial(blocks * channels, Sum(0));
         at::parallel_for(0, blocks, 1, [&](int64_t begin, int64_t end) {
-          // A block's rows are summed in Acc (float for float: a few dozen terms, SIMD
-          // wide), then the blocks in Sum (double).
-          std::vector<Acc> block_sum(channels);
+          // Runs of kRowsPerAccSum rows are summed in Acc (float for float: SIMD wide),
+          // then the runs and the blocks in Sum (double). A block holds kGrainSize /
+          // channels rows, hundreds for a narrow layer: summed in float alone, its error
+          // would grow with that count.
+          constexpr int64_t kRowsPerAccSum = 32;
+          std::vector<Acc> run_sum(channels);
           for (int64_t block = begin; block < end; ++block) {
-            std::fill(block_sum.begin(), block_sum.end(), Acc(0));
-            Acc* acc = block_sum.data();
-            const int64_t row_end = std::min(outer, (block + 1) * block_rows);
-            for (int64_t row = block * block_rows; row < row_end; ++row) {
+            std::fill(run_sum.begin(), run_sum.end(), Acc(0));
+            Acc* acc = run_sum.data();
+            Sum* total = partial.data() + block * channels;
+            const int64_t row_begin = block * block_rows;
+            const int64_t row_end = std::min(outer, row_begin + block_rows);
+            for (int64_t row = row_begin; row < row_end; ++row) {
               const int64_t offset = row * channels;
               if (saved_is_result) {
                 map_range([fn](auto grad, auto y) { return fn.backward(grad, y); }, channels,
@@ -120,9 +125,13 @@ void bias_backward(Activation act, double slope, bool saved_is_result, const Ten
                           channels, gi + offset, g + offset, s + offset, b);
               }
               for (int64_t c = 0; c < channels; ++c) acc[c] += static_cast<Acc>(gi[offset + c]);
+              if ((row - row_begin + 1) % kRowsPerAccSum == 0 || row + 1 == row_end) {
+                for (int64_t c = 0; c < channels; ++c) {
+                  total[c] += static_cast<Sum>(acc[c]);
+                  acc[c] = Acc(0);
+                }
+              }
             }
-            Sum* total = partial.data() + block * channels;
-            for (int64_t c = 0; c < channels; ++c) total[c] = static_cast<Sum>(acc[c]);
           }
         });
         for (int64_t c = 0; c < channels; ++c) {

@@ -10,6 +10,7 @@
 #include <ATen/cpu/vec/functional.h>
 #include <ATen/cpu/vec/vec.h>
 
+#include <algorithm>
 #include <tuple>
 #include <type_traits>
 
@@ -117,11 +118,18 @@ inline opmath_t<T> map_range(const Op& op, int64_t n, T* out, const In*... in) {
   return sum;
 }
 
-// map_range over [0, n), split across at::parallel_for's threads.
+// map_range over [0, n), split across at::parallel_for's threads. Tasks start at
+// multiples of the SIMD step, so only the last n % step elements take the scalar tail,
+// whatever the number of threads: the vector and scalar versions of a function (exp in
+// sigmoid and tanh) may differ in the last bit, and which one computes an element must
+// not depend on the thread count.
 template <typename T, typename Op, typename... In>
 inline void parallel_map(const Op& op, int64_t n, T* out, const In*... in) {
-  at::parallel_for(0, n, kGrainSize, [&](int64_t begin, int64_t end) {
-    map_range(op, end - begin, out + begin, (in + begin)...);
+  constexpr int64_t kStep = Vectorized<T>::size();
+  const int64_t steps = (n + kStep - 1) / kStep;
+  at::parallel_for(0, steps, kGrainSize / kStep, [&](int64_t begin, int64_t end) {
+    const int64_t first = begin * kStep, last = std::min(n, end * kStep);
+    map_range(op, last - first, out + first, (in + first)...);
   });
 }
 

@@ -339,31 +339,31 @@ std::pair<int64_t, int64_t> inside_columns(const ConvShape& s, int64_t kw) {
   return {lo, hi};
 }
 
-// col[row, j] = im2col value of column begin + j, for one sample and group; `ld` is the
-// row stride of col.
-template <typename T>
-void im2col(const T* plane, const ConvShape& s, int64_t begin, int64_t end, T* col, int64_t ld) {
+// col[row, j] = im2col value of column begin + j, for one sample and group, converted to
+// col's type; `ld` is the row stride of col.
+template <typename T, typename C>
+void im2col(const T* plane, const ConvShape& s, int64_t begin, int64_t end, C* col, int64_t ld) {
   for (int64_t row = 0; row < s.patch_size(); ++row) {
     const int64_t kw = row % s.kernel_w, kh = (row / s.kernel_w) % s.kernel_h;
     const int64_t ic = row / (s.kernel_w * s.kernel_h);
     const int64_t iw0 = input_coord(0, kw, s.stride_w, s.pad_w, s.dilation_w);
     const auto [lo, hi] = inside_columns(s, kw);
     for_each_run(s, begin, end, [&](int64_t oh, int64_t ow0, int64_t ow1, int64_t offset) {
-      T* dst = col + row * ld + offset - ow0;  // dst[ow] for ow in [ow0, ow1)
+      C* dst = col + row * ld + offset - ow0;  // dst[ow] for ow in [ow0, ow1)
       const int64_t ih = input_coord(oh, kh, s.stride_h, s.pad_h, s.dilation_h);
       if (ih < 0 || ih >= s.in_h) {
-        std::fill(dst + ow0, dst + ow1, T(0));
+        std::fill(dst + ow0, dst + ow1, C(0));
         return;
       }
       const T* src = plane + (ic * s.in_h + ih) * s.in_w + iw0;
       const int64_t a = std::clamp(lo, ow0, ow1), b = std::clamp(hi, a, ow1);
-      std::fill(dst + ow0, dst + a, T(0));
+      std::fill(dst + ow0, dst + a, C(0));
       if (s.stride_w == 1) {
         std::copy(src + a, src + b, dst + a);
       } else {
-        for (int64_t ow = a; ow < b; ++ow) dst[ow] = src[ow * s.stride_w];
+        for (int64_t ow = a; ow < b; ++ow) dst[ow] = static_cast<C>(src[ow * s.stride_w]);
       }
-      std::fill(dst + b, dst + ow1, T(0));
+      std::fill(dst + b, dst + ow1, C(0));
     });
   }
 }
@@ -415,44 +415,96 @@ void for_each_task(int64_t tasks, const Body& body) {
   }
 }
 
+// The GEMMs run in Acc (float for half and bfloat16; the operands are converted as they
+// are gathered), so that sums over taps and channels, the bias and the activation all see
+// the unrounded result, which is rounded to T once, as torch's convolutions do. Rounding
+// the GEMM's output to bfloat16 before adding the bias would turn small pre-activations
+// into exact zeros or flip their sign, and with them relu's gradient mask.
+
+// Whether the GEMM reads the input through an im2col buffer: all but pointwise
+// convolutions of Acc data, whose input plane already is the k x columns matrix.
+template <typename T, typename Acc>
+bool gathers_columns(const ConvShape& s) {
+  return !(std::is_same_v<T, Acc> && is_pointwise(s));
+}
+
+// The im2col block of columns [c0, c0 + width) of one sample's group as a k x width Acc
+// matrix: the input plane itself for a pointwise convolution of Acc data, otherwise
+// gathered (and converted) into `col`.
+template <typename T, typename Acc>
+Tensor im2col_block(const ConvShape& s, const T* plane, int64_t c0, int64_t width, Acc* col,
+                    const at::TensorOptions& acc_options) {
+  if constexpr (std::is_same_v<T, Acc>) {
+    if (!gathers_columns<T, Acc>(s)) {
+      return matrix(plane + c0, s.patch_size(), width, s.out_plane(), acc_options);
+    }
+  }
+  im2col(plane, s, c0, c0 + width, col, width);
+  return matrix(col, s.patch_size(), width, width, acc_options);
+}
+
+// `count` elements of `src` as Acc: `src` itself when T is Acc, else converted into `buffer`.
+template <typename T, typename Acc>
+const Acc* as_acc(const T* src, int64_t count, std::vector<Acc>& buffer) {
+  if constexpr (std::is_same_v<T, Acc>) {
+    return src;
+  } else {
+    buffer.resize(count);
+    at::vec::convert(src, buffer.data(), count);
+    return buffer.data();
+  }
+}
+
+// dst[i] = act(src[i] + bias) (bias and act optional), rounded to T once. `src` may be
+// overwritten; it may be `dst` itself when T is Acc.
+template <typename T, typename Acc, typename Fn>
+void finish_row(const Fn& fn, bool epilogue, bool has_bias, Acc bias, Acc* src, T* dst,
+                int64_t n) {
+  if constexpr (std::is_same_v<T, Acc>) {
+    if (!epilogue) {
+      if (src != dst) std::copy(src, src + n, dst);
+    } else if (has_bias) {
+      map_range([fn, bias](auto x) { using V = decltype(x); return fn.forward(x + V(bias)); }, n,
+                dst, src);
+    } else {
+      map_range([fn](auto x) { return fn.forward(x); }, n, dst, src);
+    }
+  } else {
+    if (epilogue) finish_row_inplace<Acc>(fn, has_bias, bias, src, n);
+    at::vec::convert(src, dst, n);
+  }
+}
+
 // Tasks are (sample, column tile); each does every group of its tile.
 template <typename T, typename Fn>
 void gemm_forward(const Fn& fn, const ConvShape& s, const Tensor& input, const Tensor& weight,
                   const T* bias, const Tensor& output) {
   using Acc = opmath_t<T>;
-  const auto options = input.options();
+  const auto acc_options = input.options().dtype(c10::CppTypeToScalarType<Acc>::value);
   const int64_t in_pg = s.in_per_group(), out_pg = s.out_per_group(), k = s.patch_size();
   const int64_t cols = s.out_plane();
-  const int64_t tile = column_tile(k, cols, sizeof(T));
+  const int64_t tile = column_tile(k, cols, sizeof(Acc));
   const int64_t tiles = ceil_div(cols, tile);
-  const bool pointwise = is_pointwise(s);
+  const Tensor weight_acc = weight.to(acc_options.dtype()).contiguous();
   const T* in = input.const_data_ptr<T>();
-  const T* w = weight.const_data_ptr<T>();
+  const Acc* w = weight_acc.const_data_ptr<Acc>();
   T* out = output.data_ptr<T>();
   for_each_task(s.batch * tiles, [&](int64_t begin, int64_t end) {
-    std::vector<T> col(pointwise ? 0 : k * tile);
-    std::vector<T> result(out_pg * tile);
+    std::vector<Acc> col(gathers_columns<T, Acc>(s) ? k * tile : 0);
+    std::vector<Acc> result(out_pg * tile);
     for (int64_t task = begin; task < end; ++task) {
       const int64_t n = task / tiles, c0 = (task % tiles) * tile;
       const int64_t width = std::min(tile, cols - c0);
       for (int64_t g = 0; g < s.groups; ++g) {
         const T* plane = in + (n * s.in_channels + g * in_pg) * s.in_plane();
-        if (!pointwise) im2col(plane, s, c0, c0 + width, col.data(), width);
-        Tensor result_g = matrix(result.data(), out_pg, width, width, options);
-        at::mm_out(result_g, matrix(w + g * out_pg * k, out_pg, k, k, options),
-                   pointwise ? matrix(plane + c0, k, width, cols, options)
-                             : matrix(col.data(), k, width, width, options));
+        Tensor result_g = matrix(result.data(), out_pg, width, width, acc_options);
+        at::mm_out(result_g, matrix(w + g * out_pg * k, out_pg, k, k, acc_options),
+                   im2col_block(s, plane, c0, width, col.data(), acc_options));
         for (int64_t o = 0; o < out_pg; ++o) {
           const int64_t oc = g * out_pg + o;
-          const Acc b = bias ? static_cast<Acc>(bias[oc]) : Acc(0);
-          T* dst = out + (n * s.out_channels + oc) * cols + c0;
-          const T* src = result.data() + o * width;
-          if (bias) {
-            map_range([fn, b](auto x) { using V = decltype(x); return fn.forward(x + V(b)); },
-                      width, dst, src);
-          } else {
-            map_range([fn](auto x) { return fn.forward(x); }, width, dst, src);
-          }
+          finish_row(fn, true, bias != nullptr, bias ? static_cast<Acc>(bias[oc]) : Acc(0),
+                     result.data() + o * width, out + (n * s.out_channels + oc) * cols + c0,
+                     width);
         }
       }
     }
@@ -464,100 +516,107 @@ template <typename T, typename Fn>
 void gemm_backward_input(const Fn& fn, const ConvShape& s, const Tensor& grad_output,
                          const Tensor& weight, const T* bias, const Tensor& grad_input) {
   using Acc = opmath_t<T>;
-  const auto options = grad_output.options();
+  constexpr bool kInPlace = std::is_same_v<T, Acc>;  // sum straight into grad_input
+  const auto acc_options = grad_output.options().dtype(c10::CppTypeToScalarType<Acc>::value);
   const int64_t in_pg = s.in_per_group(), out_pg = s.out_per_group(), k = s.patch_size();
   const int64_t cols = s.out_plane(), in_plane = s.in_plane();
-  const int64_t tile = column_tile(k, cols, sizeof(T));
+  const int64_t tile = column_tile(k, cols, sizeof(Acc));
   const bool pointwise = is_pointwise(s);
+  const Tensor weight_acc = weight.to(acc_options.dtype()).contiguous();
   const T* go = grad_output.const_data_ptr<T>();
-  const T* w = weight.const_data_ptr<T>();
+  const Acc* w = weight_acc.const_data_ptr<Acc>();
   T* gi = grad_input.data_ptr<T>();
   const bool epilogue = bias != nullptr || !std::is_same_v<Fn, activation::Identity<Acc>>;
   for_each_task(s.batch, [&](int64_t begin, int64_t end) {
-    std::vector<T> col(pointwise ? 0 : k * tile);
+    std::vector<Acc> col(pointwise ? 0 : k * tile);
+    std::vector<Acc> grad_buffer;
+    std::vector<Acc> sum_buffer(kInPlace ? 0 : in_pg * in_plane);
     for (int64_t n = begin; n < end; ++n) {
       for (int64_t g = 0; g < s.groups; ++g) {
         T* plane = gi + (n * s.in_channels + g * in_pg) * in_plane;
-        const Tensor weight_t = matrix(w + g * out_pg * k, out_pg, k, k, options).t();
-        const T* grad = go + (n * s.out_channels + g * out_pg) * cols;
+        Acc* sum = nullptr;
+        if constexpr (kInPlace) {
+          sum = plane;
+        } else {
+          sum = sum_buffer.data();
+        }
+        const Tensor weight_t = matrix(w + g * out_pg * k, out_pg, k, k, acc_options).t();
+        const Acc* grad =
+            as_acc(go + (n * s.out_channels + g * out_pg) * cols, out_pg * cols, grad_buffer);
         if (pointwise) {  // the gradient is weight_g^T @ grad_output[n, g] itself
-          Tensor result = matrix(plane, k, cols, cols, options);
-          at::mm_out(result, weight_t, matrix(grad, out_pg, cols, cols, options));
-          continue;
+          Tensor result = matrix(sum, k, cols, cols, acc_options);
+          at::mm_out(result, weight_t, matrix(grad, out_pg, cols, cols, acc_options));
+        } else {
+          std::fill(sum, sum + in_pg * in_plane, Acc(0));
+          for (int64_t c0 = 0; c0 < cols; c0 += tile) {
+            const int64_t width = std::min(tile, cols - c0);
+            Tensor result = matrix(col.data(), k, width, width, acc_options);
+            at::mm_out(result, weight_t, matrix(grad + c0, out_pg, width, cols, acc_options));
+            col2im_add(col.data(), width, s, c0, c0 + width, sum);
+          }
         }
-        std::fill(plane, plane + in_pg * in_plane, T(0));
-        for (int64_t c0 = 0; c0 < cols; c0 += tile) {
-          const int64_t width = std::min(tile, cols - c0);
-          Tensor result = matrix(col.data(), k, width, width, options);
-          at::mm_out(result, weight_t, matrix(grad + c0, out_pg, width, cols, options));
-          col2im_add(col.data(), width, s, c0, c0 + width, plane);
-        }
-      }
-      if (epilogue) {
-        for (int64_t ic = 0; ic < s.in_channels; ++ic) {
-          finish_row_inplace<T>(fn, bias != nullptr, bias ? static_cast<Acc>(bias[ic]) : Acc(0),
-                                gi + (n * s.in_channels + ic) * in_plane, in_plane);
+        if (epilogue || !kInPlace) {
+          for (int64_t i = 0; i < in_pg; ++i) {
+            const int64_t ic = g * in_pg + i;
+            finish_row(fn, epilogue, bias != nullptr, bias ? static_cast<Acc>(bias[ic]) : Acc(0),
+                       sum + i * in_plane, plane + i * in_plane, in_plane);
+          }
         }
       }
     }
   });
 }
 
+// Samples per partial sum of the weight gradient: the batch is cut into at most this many
+// fixed ranges, whatever the number of threads, so the sums (and their rounding) are the
+// same for any thread count.
+constexpr int64_t kWeightGradRanges = 8;
+
 // grad_weight_g = sum_n grad_output[n, g] @ im2col(input[n, g])^T. The batch is cut into
-// one fixed range per thread, each summing into its own buffer (in opmath); the buffers
-// are then added in range order.
+// at most kWeightGradRanges ranges, each summing into its own buffer (in Acc), in
+// parallel; the buffers are then added in range order.
 template <typename T>
 void gemm_backward_weight(const ConvShape& s, const Tensor& input, const Tensor& grad_output,
                           const Tensor& grad_weight) {
   using Acc = opmath_t<T>;
-  const auto options = input.options();
-  const auto acc_options = options.dtype(c10::CppTypeToScalarType<Acc>::value);
+  const auto acc_options = input.options().dtype(c10::CppTypeToScalarType<Acc>::value);
   const int64_t in_pg = s.in_per_group(), out_pg = s.out_per_group(), k = s.patch_size();
   const int64_t cols = s.out_plane();
-  const int64_t tile = column_tile(k, cols, sizeof(T));
-  const bool pointwise = is_pointwise(s);
+  const int64_t tile = column_tile(k, cols, sizeof(Acc));
   const T* in = input.const_data_ptr<T>();
   const T* go = grad_output.const_data_ptr<T>();
-  const int64_t ranges = std::min<int64_t>(s.batch, at::get_num_threads());
+  const int64_t ranges = std::min<int64_t>(s.batch, kWeightGradRanges);
   Tensor partial = at::zeros({ranges, s.out_channels, k}, acc_options);
   auto body = [&](int64_t begin, int64_t end) {
-    std::vector<T> col(pointwise ? 0 : k * tile);
+    std::vector<Acc> col(gathers_columns<T, Acc>(s) ? k * tile : 0);
+    std::vector<Acc> grad_buffer;
     for (int64_t r = begin; r < end; ++r) {
       Acc* sums = partial.data_ptr<Acc>() + r * s.out_channels * k;
       for (int64_t n = r * s.batch / ranges; n < (r + 1) * s.batch / ranges; ++n) {
         for (int64_t g = 0; g < s.groups; ++g) {
           const T* plane = in + (n * s.in_channels + g * in_pg) * s.in_plane();
-          const T* grad = go + (n * s.out_channels + g * out_pg) * cols;
+          const Acc* grad =
+              as_acc(go + (n * s.out_channels + g * out_pg) * cols, out_pg * cols, grad_buffer);
           Tensor sum_g = matrix(sums + g * out_pg * k, out_pg, k, k, acc_options);
           for (int64_t c0 = 0; c0 < cols; c0 += tile) {
             const int64_t width = std::min(tile, cols - c0);
-            if (!pointwise) im2col(plane, s, c0, c0 + width, col.data(), width);
-            const Tensor grad_tile = matrix(grad + c0, out_pg, width, cols, options);
-            const Tensor col_t = pointwise ? matrix(plane + c0, k, width, cols, options).t()
-                                           : matrix(col.data(), k, width, width, options).t();
-            if constexpr (std::is_same_v<T, Acc>) {
-              at::addmm_out(sum_g, sum_g, grad_tile, col_t);
-            } else {
-              sum_g.add_(at::mm(grad_tile, col_t));  // reduced precision: sum in float
-            }
+            const Tensor grad_tile = matrix(grad + c0, out_pg, width, cols, acc_options);
+            at::addmm_out(sum_g, sum_g, grad_tile,
+                          im2col_block(s, plane, c0, width, col.data(), acc_options).t());
           }
         }
       }
     }
   };
-  if (ranges > 1) {
-    at::parallel_for(0, ranges, 1, body);
-  } else {
-    body(0, ranges);
-  }
+  for_each_task(ranges, body);
   grad_weight.view({s.out_channels, k}).copy_(partial.sum(0));
 }
 
 // ---- float32: im2col + pyops' register-blocked GEMM (common/cpu_gemm.h) ----------------
 // The same tiling as above, but the GEMM is single-threaded and hands each register tile
 // to the epilogue: the forward writes act(tile + bias) straight into the output, with no
-// result buffer in between. Used when there are at least as many tasks as threads (the
-// GEMM itself does not split); other dtypes and smaller problems take the ATen GEMM path.
+// result buffer in between. Tasks are (sample, tile) units; no output element depends on
+// how they are split between threads.
 
 using gemm::Vec;
 constexpr int64_t kStrip = gemm::tile_cols(gemm::kMaxVecs);
@@ -568,8 +627,6 @@ int64_t strip_tile(int64_t patch_size, int64_t columns) {
   const int64_t tile = column_tile(patch_size, columns, sizeof(float));
   return tile >= columns ? columns : std::max(kStrip, tile / kStrip * kStrip);
 }
-
-bool use_packed_gemm(int64_t tasks) { return tasks >= at::get_num_threads(); }
 
 template <typename Fn>
 void sgemm_forward(const Fn& fn, const ConvShape& s, const float* in, const float* w,
@@ -659,8 +716,7 @@ void sgemm_backward_input(const Fn& fn, const ConvShape& s, const float* go, con
 
 // grad_weight_g^T [k, out_pg] = sum_n im2col(input[n, g]) @ grad_output[n, g]^T: the im2col
 // rows are the GEMM's A rows as they are, and the (small) grad_output tile is transposed
-// into B. One fixed batch range per thread, each summing into its own buffer; the buffers
-// are added in range order (deterministic for a given thread count).
+// into B. Fixed batch ranges as in gemm_backward_weight: the same bits for any thread count.
 void sgemm_backward_weight(const ConvShape& s, const float* in, const float* go,
                            const Tensor& grad_weight) {
   const int64_t in_pg = s.in_per_group(), out_pg = s.out_per_group(), k = s.patch_size();
@@ -668,7 +724,7 @@ void sgemm_backward_weight(const ConvShape& s, const float* in, const float* go,
   const int64_t tile = strip_tile(k, cols);
   const bool pointwise = is_pointwise(s);
   const int64_t ldb = round_up(out_pg, kStrip);
-  const int64_t ranges = std::min<int64_t>(s.batch, at::get_num_threads());
+  const int64_t ranges = std::min<int64_t>(s.batch, kWeightGradRanges);
   Tensor partial = at::zeros({ranges, s.groups, k, out_pg}, grad_weight.options());
   float* partial_data = partial.data_ptr<float>();
   at::parallel_for(0, ranges, 1, [&](int64_t begin, int64_t end) {
@@ -711,9 +767,7 @@ void sgemm_backward_weight(const ConvShape& s, const float* in, const float* go,
 // reads those rows in place through a table of offsets: no im2col matrix is written or
 // read back. The price is the wp - out_w discarded columns of each wide row.
 
-bool use_implicit_gemm(const ConvShape& s) {
-  return s.stride_h == 1 && s.stride_w == 1 && s.batch * s.groups >= at::get_num_threads();
-}
+bool use_implicit_gemm(const ConvShape& s) { return s.stride_h == 1 && s.stride_w == 1; }
 
 // Offsets of the taps (ic, kh, kw) of `channels` staged planes, in im2col row order.
 std::vector<int64_t> tap_offsets(const DirectPlan& p, int64_t channels, int64_t plane_stride) {
@@ -764,7 +818,9 @@ void store_wide(const TileT& acc, int rows, int64_t col0, int64_t cols, const Di
 }
 
 // output = act(conv(input) + bias) of a stride-1 plan; `weights` is [groups * out_pg,
-// in_pg * kh * kw]. Tasks are (sample, group); each stages its input planes once.
+// in_pg * kh * kw]. Tasks are (sample, group, chunk of whole register-tile row blocks of
+// output channels), so that a batch of one still uses every thread; each task stages its
+// input planes. An output row's value does not depend on the chunking.
 template <typename Fn>
 void implicit_forward(const Fn& fn, const DirectPlan& p, int64_t batch, int64_t groups,
                       int64_t in_pg, int64_t out_pg, const float* input, const float* weights,
@@ -772,23 +828,29 @@ void implicit_forward(const Fn& fn, const DirectPlan& p, int64_t batch, int64_t 
   const int64_t k = in_pg * p.kernel_h * p.kernel_w;
   const int64_t stride = staged_stride<float>(p);
   const int64_t in_plane = p.src_h * p.src_w, out_plane = p.out_h * p.out_w;
+  const int64_t row_blocks = ceil_div(out_pg, gemm::kRows);
+  const int64_t chunks = chunks_for(batch * groups, row_blocks);
+  const int64_t chunk_rows = ceil_div(row_blocks, chunks) * gemm::kRows;
   const std::vector<int64_t> offsets = tap_offsets(p, in_pg, stride);
-  at::parallel_for(0, batch * groups, 1, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, batch * groups * chunks, 1, [&](int64_t begin, int64_t end) {
     std::vector<float> staged(in_pg * stride);
     for (int64_t task = begin; task < end; ++task) {
-      const int64_t g = task % groups;
-      const float* src = input + task * in_pg * in_plane;  // (n, g) planes are consecutive
+      const int64_t ng = task / chunks, g = ng % groups;
+      const int64_t o0 = (task % chunks) * chunk_rows, o1 = std::min(out_pg, o0 + chunk_rows);
+      if (o0 >= o1) continue;
+      const float* src = input + ng * in_pg * in_plane;  // (n, g) planes are consecutive
       for (int64_t ic = 0; ic < in_pg; ++ic) {
         stage_plane(src + ic * in_plane, p, staged.data() + ic * stride);
       }
-      float* out = output + task * out_pg * out_plane;
-      const float* bias_g = bias ? bias + g * out_pg : nullptr;
-      gemm::gemm_tiles(out_pg, p.wide_len(), k, weights + g * out_pg * k, gemm::StridedRows{k},
-                       staged.data(), gemm::TableRows{offsets.data()}, /*b_padded=*/false,
+      float* out = output + (ng * out_pg + o0) * out_plane;
+      const float* bias_o = bias ? bias + g * out_pg + o0 : nullptr;
+      gemm::gemm_tiles(o1 - o0, p.wide_len(), k, weights + (g * out_pg + o0) * k,
+                       gemm::StridedRows{k}, staged.data(), gemm::TableRows{offsets.data()},
+                       /*b_padded=*/false,
                        [&](const auto& acc, int64_t row0, int rows, int64_t col0, int64_t cols) {
                          store_wide(acc, rows, col0, cols, p, out + row0 * out_plane,
                                     [&](int i, Vec v) {
-                                      return fn.forward(bias_g ? v + Vec(bias_g[row0 + i]) : v);
+                                      return fn.forward(bias_o ? v + Vec(bias_o[row0 + i]) : v);
                                     });
                        });
     }
@@ -809,7 +871,7 @@ void implicit_backward_weight(const ConvShape& s, const DirectPlan& p, const flo
   const int64_t ldb = round_up(out_pg, kStrip);
   const int64_t rows_per_chunk = std::max<int64_t>(1, kChunk / s.out_w);
   const std::vector<int64_t> offsets = tap_offsets(p, in_pg, stride);
-  const int64_t ranges = std::min<int64_t>(s.batch, at::get_num_threads());
+  const int64_t ranges = std::min<int64_t>(s.batch, kWeightGradRanges);
   Tensor partial = at::zeros({ranges, s.groups, k, out_pg}, grad_weight.options());
   float* partial_data = partial.data_ptr<float>();
   at::parallel_for(0, ranges, 1, [&](int64_t begin, int64_t end) {
@@ -866,16 +928,15 @@ DirectPlan forward_plan(const ConvShape& s) {
 }
 
 // The path of one pass. `in_pg`/`out_pg` are the channels per group as the pass reads
-// and writes them (swapped for the input gradient); `tasks` is how many independent
-// (sample, tile) units the im2col path would have.
+// and writes them (swapped for the input gradient). It depends on the shape and dtype
+// only, not on the thread count, so neither do the result's bits.
 enum class Path { kDirect, kImplicitGemm, kPackedGemm, kAtenGemm };
 
 template <typename T>
-Path choose_path(const ConvShape& s, int64_t in_pg, int64_t out_pg, int64_t tasks) {
+Path choose_path(const ConvShape& s, int64_t in_pg, int64_t out_pg) {
   if (use_direct(in_pg, out_pg, s.stride_h, s.stride_w)) return Path::kDirect;
   if constexpr (std::is_same_v<T, float>) {
-    if (use_implicit_gemm(s)) return Path::kImplicitGemm;
-    if (use_packed_gemm(tasks)) return Path::kPackedGemm;
+    return use_implicit_gemm(s) ? Path::kImplicitGemm : Path::kPackedGemm;
   }
   return Path::kAtenGemm;
 }
@@ -910,8 +971,7 @@ void forward(const ConvShape& s, const Tensor& input, const Tensor& weight, cons
   PYOPS_DISPATCH_FLOATING(input.scalar_type(), "pyops_conv2d_forward_cpu", [&] {
     using Acc = opmath_t<scalar_t>;
     const scalar_t* b = bias.defined() ? bias.const_data_ptr<scalar_t>() : nullptr;
-    const int64_t tiles = ceil_div(s.out_plane(), strip_tile(s.patch_size(), s.out_plane()));
-    const Path path = choose_path<scalar_t>(s, s.in_per_group(), s.out_per_group(), s.batch * tiles);
+    const Path path = choose_path<scalar_t>(s, s.in_per_group(), s.out_per_group());
     visit_activation<Acc>(act, slope, [&](auto fn) {
       if (path == Path::kDirect) {
         const Tensor w = weight.to(c10::CppTypeToScalarType<Acc>::value).contiguous();
@@ -939,10 +999,9 @@ void backward_input(const ConvShape& s, const Tensor& grad_output, const Tensor&
   PYOPS_DISPATCH_FLOATING(grad_output.scalar_type(), "pyops_conv2d_backward_input_cpu", [&] {
     using Acc = opmath_t<scalar_t>;
     const scalar_t* b = bias.defined() ? bias.const_data_ptr<scalar_t>() : nullptr;
-    Path path = choose_path<scalar_t>(s, s.out_per_group(), s.in_per_group(), s.batch);
+    Path path = choose_path<scalar_t>(s, s.out_per_group(), s.in_per_group());
     if ((path == Path::kDirect || path == Path::kImplicitGemm) && !all_finite(weight)) {
-      path = std::is_same_v<scalar_t, float> && use_packed_gemm(s.batch) ? Path::kPackedGemm
-                                                                          : Path::kAtenGemm;
+      path = std::is_same_v<scalar_t, float> ? Path::kPackedGemm : Path::kAtenGemm;
     }
     visit_activation<Acc>(act, slope, [&](auto fn) {
       if (path == Path::kDirect) {
@@ -970,7 +1029,7 @@ void backward_input(const ConvShape& s, const Tensor& grad_output, const Tensor&
 void backward_weight(const ConvShape& s, const Tensor& input, const Tensor& grad_output,
                      const Tensor& grad_weight) {
   PYOPS_DISPATCH_FLOATING(input.scalar_type(), "pyops_conv2d_backward_weight_cpu", [&] {
-    const Path path = choose_path<scalar_t>(s, s.in_per_group(), s.out_per_group(), s.batch);
+    const Path path = choose_path<scalar_t>(s, s.in_per_group(), s.out_per_group());
     if (path == Path::kDirect) {
       direct_backward_weight<scalar_t>(s, forward_plan(s), input.const_data_ptr<scalar_t>(),
                                        grad_output.const_data_ptr<scalar_t>(),

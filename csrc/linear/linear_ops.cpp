@@ -57,6 +57,15 @@ bool saves_result(Activation act, double slope) {
   return act != Activation::LeakyRelu || slope >= 0.0;
 }
 
+// Half and bfloat16 add the bias inside the GEMM, before its float result is rounded, as
+// torch's linear does. Rounding the GEMM output first and adding the bias after would
+// lose the low bits of pre-activations near 0 (where x W^T and -b nearly cancel): the
+// values whose sign decides relu's gradient. In float and double the two orders round
+// the same way, and the fused epilogue saves a pass.
+bool bias_in_gemm(const Tensor& input) {
+  return at::isReducedFloatingType(input.scalar_type());
+}
+
 using LinearActSignature = Tensor(const Tensor&, const Tensor&, const c10::optional<Tensor>&,
                                   c10::string_view, double);
 
@@ -69,9 +78,13 @@ Tensor linear_act_impl(const Tensor& input, const Tensor& weight,
   const Tensor bias = bias_opt.value_or(Tensor());
   const Tensor x = input.reshape({-1, input.size(-1)});
   Tensor y;
-  if (act == Activation::None) {
-    // Exactly torch's linear: the bias rides in the GEMM (beta = 1).
+  if (act == Activation::None || bias_in_gemm(input)) {
+    // Exactly torch's linear: the bias rides in the GEMM (beta = 1); then the activation
+    // in place.
     y = bias.defined() ? at::addmm(bias, x, weight.t()) : at::mm(x, weight.t());
+    if (act != Activation::None && y.numel() > 0) {
+      activation::forward_kernel(y.device().type())(act, slope, y, y);
+    }
   } else {
     // Bias and activation in place on the fresh GEMM output: one pass.
     y = at::mm(x, weight.t());
@@ -106,12 +119,12 @@ struct LinearActFunction : torch::autograd::Function<LinearActFunction> {
         result = op.call(input, weight, bias_opt, activation_name, slope);
         act_saved = result;
       } else {
-        // A negative leaky slope: the backward needs the pre-activation, kept apart.
-        act_saved = at::mm(input.reshape({-1, input.size(-1)}), weight.t());
+        // A negative leaky slope: the backward needs the pre-activation (bias included,
+        // added in the GEMM), kept apart.
+        const Tensor x = input.reshape({-1, input.size(-1)});
+        act_saved = bias.defined() ? at::addmm(bias, x, weight.t()) : at::mm(x, weight.t());
         static auto leaky = op_handle<Tensor(const Tensor&, double)>("pyops::leaky_relu");
-        result = (bias.defined() ? activation::dispatch_bias_act(act_saved, bias, act, slope)
-                                 : leaky.call(act_saved, slope))
-                     .view(output_shape(input, weight));
+        result = leaky.call(act_saved, slope).view(output_shape(input, weight));
       }
     }
     // The input and the result themselves (not views made here, which would have no
@@ -142,9 +155,8 @@ struct LinearActFunction : torch::autograd::Function<LinearActFunction> {
       std::tie(grad_z, grad_bias) =
           activation::dispatch_bias_act_backward(grad, act_saved, bias, act, slope, true);
     } else {
-      // The result, or the pre-activation (GEMM output; + bias) for a negative slope.
-      Tensor pre = saved_is_result || !bias.defined() ? act_saved : act_saved + bias;
-      grad_z = activation::dispatch_activation_backward(act, grad, pre, slope, false);
+      // The result, or the pre-activation (bias included) for a negative slope.
+      grad_z = activation::dispatch_activation_backward(act, grad, act_saved, slope, false);
       if (bias.defined()) grad_bias = grad_z.sum(0);
     }
     Tensor grad_input, grad_weight;

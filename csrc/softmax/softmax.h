@@ -1,11 +1,14 @@
 #pragma once
 // The log-softmax family's math, written once for both backends. A row is the slice
-// along `dim`; with m = max(row) and lse = m + log(sum(exp(row - m))):
-//   log_softmax(x) = x - lse
+// along `dim`; with m = max(row) and s = log(sum(exp(row - m))) (lse = m + s):
+//   log_softmax(x) = (x - m) - s
 //   backward:  grad_input = grad - exp(output) * sum(grad)
 //   fused log_softmax + nll_loss, per row n with target t and weight w (the upstream
 //   gradient, divided by the count of rows that are not ignored for 'mean'):
-//   loss_n = lse_n - x[n, t]      grad_input[n, c] = w * (exp(x[n, c] - lse_n) - [c == t])
+//   loss_n = s_n - (x[n, t] - m_n)      grad_input[n, c] = w * (exp(log_softmax(x)[n, c]) - [c == t])
+// m and s are kept apart, as torch does: x - (m + s) would lose the low bits of the
+// log-probabilities near 0 (the likely classes, whose gradients are the largest) to the
+// rounding of m + s, a number of the size of the logits.
 
 #include <ATen/core/Tensor.h>
 #include <c10/macros/Macros.h>
@@ -21,19 +24,24 @@ struct LogSoftmaxMath {
   C10_HOST_DEVICE static V shifted_exp(V x, V max) {
     return math::exp(x - max);
   }
-  // `shift` = max + log(sum of shifted_exp), the row's log-sum-exp.
+  // `log_sum` = log(sum of shifted_exp) over the row.
   template <typename V>
-  C10_HOST_DEVICE static V output(V x, V shift) {
-    return x - shift;
+  C10_HOST_DEVICE static V output(V x, V max, V log_sum) {
+    return (x - max) - log_sum;
   }
   template <typename V>
   C10_HOST_DEVICE static V grad_input(V grad, V output, V grad_sum) {
     return grad - math::exp(output) * grad_sum;
   }
+  // The row's loss: lse - x_t.
+  template <typename V>
+  C10_HOST_DEVICE static V nll_loss(V x_target, V max, V log_sum) {
+    return log_sum - (x_target - max);
+  }
   // d(lse - x_t)/dx_c, scaled by the row's weight.
   template <typename V>
-  C10_HOST_DEVICE static V nll_grad(V x, V lse, V is_target, V weight) {
-    return weight * (math::exp(x - lse) - is_target);
+  C10_HOST_DEVICE static V nll_grad(V x, V max, V log_sum, V is_target, V weight) {
+    return weight * (math::exp(output(x, max, log_sum)) - is_target);
   }
 };
 
@@ -49,11 +57,13 @@ using LogSoftmaxFn = void (*)(const at::Tensor& input, const at::Tensor& output,
 using LogSoftmaxBackwardFn = void (*)(const at::Tensor& grad_output, const at::Tensor& output,
                                       const at::Tensor& grad_input, RowLayout);
 // input [N, C] contiguous, target [N] int64. Writes per-row losses (0 for ignored rows)
-// and per-row log-sum-exp, both in the compute type (float for half/bfloat16).
+// and each row's log-sum-exp as its two terms, lse [N, 2] = (max, log(sum(exp(x - max)))),
+// both in the compute type (float for half/bfloat16).
 using NllForwardFn = void (*)(const at::Tensor& input, const at::Tensor& target,
                               int64_t ignore_index, const at::Tensor& row_loss,
                               const at::Tensor& lse);
-// row_weight [N] (compute type): the upstream gradient of each row's loss, 0 where ignored.
+// lse [N, 2] as written by the forward; row_weight [N] (compute type): the upstream
+// gradient of each row's loss, 0 where ignored.
 using NllBackwardFn = void (*)(const at::Tensor& input, const at::Tensor& target,
                                const at::Tensor& lse, const at::Tensor& row_weight,
                                const at::Tensor& grad_input);

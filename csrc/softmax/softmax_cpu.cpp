@@ -33,9 +33,15 @@ int64_t rows_per_task(int64_t row_elements) {
   return std::max<int64_t>(1, cpu::kGrainSize / std::max<int64_t>(1, row_elements));
 }
 
+// A row's log-sum-exp, max + log_sum, kept as its two terms (softmax.h says why).
+template <typename A>
+struct Lse {
+  A max, log_sum;
+};
+
 // The log-sum-exp of a contiguous row, in Acc: its max, then the sum of exp(x - max).
 template <typename T>
-Acc<T> row_lse(const T* row, int64_t size) {
+Lse<Acc<T>> row_lse(const T* row, int64_t size) {
   using A = Acc<T>;
   using V = Vectorized<A>;
   constexpr int64_t kStep = V::size();
@@ -56,7 +62,7 @@ Acc<T> row_lse(const T* row, int64_t size) {
   }
   A sum = cpu::detail::lane_sum(vsum);
   for (; i < size; ++i) sum += Math::shifted_exp(static_cast<A>(row[i]), max);
-  return max + std::log(sum);
+  return {max, std::log(sum)};
 }
 
 // Sum of a contiguous row, in Acc.
@@ -130,9 +136,12 @@ void log_softmax_typed(const Tensor& input, const Tensor& output, RowLayout layo
   if (inner == 1) {
     at::parallel_for(0, outer, rows_per_task(size), [&](int64_t begin, int64_t end) {
       for (int64_t r = begin; r < end; ++r) {
-        const A shift = row_lse(in + r * size, size);
-        map_range([shift](auto x) { return Math::output(x, decltype(x)(shift)); }, size,
-                  out + r * size, in + r * size);
+        const auto [max, log_sum] = row_lse(in + r * size, size);
+        map_range([max, log_sum](auto x) {
+                    using V = decltype(x);
+                    return Math::output(x, V(max), V(log_sum));
+                  },
+                  size, out + r * size, in + r * size);
       }
     });
     return;
@@ -151,10 +160,10 @@ void log_softmax_typed(const Tensor& input, const Tensor& output, RowLayout layo
         for (int64_t k = 0; k < size; ++k) {
           sum = sum + Math::shifted_exp(load(slab + k * inner + j, width), max);
         }
-        const V shift = max + log(sum);
+        const V log_sum = log(sum);
         for (int64_t k = 0; k < size; ++k) {
-          store(out_slab + k * inner + j, Math::output(load(slab + k * inner + j, width), shift),
-                width);
+          store(out_slab + k * inner + j,
+                Math::output(load(slab + k * inner + j, width), max, log_sum), width);
         }
       });
     }
@@ -205,18 +214,20 @@ void nll_forward_typed(const Tensor& input, const Tensor& target, int64_t ignore
   const T* x = input.const_data_ptr<T>();
   const int64_t* t = target.const_data_ptr<int64_t>();
   A* loss = row_loss.data_ptr<A>();
-  A* shift = lse.data_ptr<A>();
+  A* terms = lse.data_ptr<A>();  // [rows, 2]: max, log_sum
   at::parallel_for(0, rows, rows_per_task(classes), [&](int64_t begin, int64_t end) {
     for (int64_t n = begin; n < end; ++n) {
       const T* row = x + n * classes;
-      shift[n] = row_lse(row, classes);
+      const auto [max, log_sum] = row_lse(row, classes);
+      terms[2 * n] = max;
+      terms[2 * n + 1] = log_sum;
       if (t[n] == ignore_index) {
         loss[n] = A(0);
         continue;
       }
       TORCH_CHECK_INDEX(t[n] >= 0 && t[n] < classes, "pyops.log_softmax_nll_loss: target ",
                         t[n], " is out of bounds for ", classes, " classes (row ", n, ")");
-      loss[n] = shift[n] - static_cast<A>(row[t[n]]);
+      loss[n] = Math::nll_loss(static_cast<A>(row[t[n]]), max, log_sum);
     }
   });
 }
@@ -228,21 +239,22 @@ void nll_backward_typed(const Tensor& input, const Tensor& target, const Tensor&
   const int64_t rows = input.size(0), classes = input.size(1);
   const T* x = input.const_data_ptr<T>();
   const int64_t* t = target.const_data_ptr<int64_t>();
-  const A* shift = lse.const_data_ptr<A>();
+  const A* terms = lse.const_data_ptr<A>();  // [rows, 2]: max, log_sum
   const A* weight = row_weight.const_data_ptr<A>();
   T* gi = grad_input.data_ptr<T>();
   at::parallel_for(0, rows, rows_per_task(classes), [&](int64_t begin, int64_t end) {
     for (int64_t n = begin; n < end; ++n) {
-      const A w = weight[n], s = shift[n];
+      const A w = weight[n], max = terms[2 * n], log_sum = terms[2 * n + 1];
       const T* row = x + n * classes;
       T* grad_row = gi + n * classes;
-      map_range([w, s](auto v) {
+      map_range([w, max, log_sum](auto v) {
                   using V = decltype(v);
-                  return Math::nll_grad(v, V(s), V(0), V(w));
+                  return Math::nll_grad(v, V(max), V(log_sum), V(0), V(w));
                 },
                 classes, grad_row, row);
       if (w != A(0)) {  // the target's own term (ignored rows have weight 0)
-        grad_row[t[n]] = static_cast<T>(Math::nll_grad(static_cast<A>(row[t[n]]), s, A(1), w));
+        grad_row[t[n]] = static_cast<T>(
+            Math::nll_grad(static_cast<A>(row[t[n]]), max, log_sum, A(1), w));
       }
     }
   });

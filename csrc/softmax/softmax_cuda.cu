@@ -27,9 +27,15 @@ struct Max {
   }
 };
 
+// A row's log-sum-exp, max + log_sum, kept as its two terms (softmax.h says why).
+template <typename A>
+struct Lse {
+  A max, log_sum;
+};
+
 // The log-sum-exp of a contiguous row of `size`, by the whole block.
 template <typename T, typename A>
-__device__ A block_row_lse(const T* row, int64_t size, A* scratch) {
+__device__ Lse<A> block_row_lse(const T* row, int64_t size, A* scratch) {
   A max = -std::numeric_limits<A>::infinity();
   for (int64_t i = threadIdx.x; i < size; i += blockDim.x) {
     max = math::maximum(max, static_cast<A>(row[i]));
@@ -40,7 +46,7 @@ __device__ A block_row_lse(const T* row, int64_t size, A* scratch) {
     sum += Math::shifted_exp(static_cast<A>(row[i]), max);
   }
   sum = cuda::sum_over_rows(sum, scratch, threadIdx.x, blockDim.x, 0, 1);
-  return max + ::log(sum);
+  return {max, static_cast<A>(::log(sum))};
 }
 
 template <typename T>
@@ -49,9 +55,10 @@ __global__ void log_softmax_rows_kernel(const T* input, T* output, int64_t rows,
   __shared__ A scratch[kThreadsPerBlock];
   for (int64_t r = blockIdx.x; r < rows; r += gridDim.x) {
     const T* row = input + r * size;
-    const A shift = block_row_lse(row, size, scratch);
+    const Lse<A> lse = block_row_lse(row, size, scratch);
     for (int64_t i = threadIdx.x; i < size; i += blockDim.x) {
-      output[r * size + i] = static_cast<T>(Math::output(static_cast<A>(row[i]), shift));
+      output[r * size + i] =
+          static_cast<T>(Math::output(static_cast<A>(row[i]), lse.max, lse.log_sum));
     }
   }
 }
@@ -72,10 +79,10 @@ __global__ void log_softmax_columns_kernel(const T* input, T* output, RowLayout 
     for (int64_t k = 0; k < layout.size; ++k) {
       sum += Math::shifted_exp(static_cast<A>(input[base + k * layout.inner]), max);
     }
-    const A shift = max + ::log(sum);
+    const A log_sum = ::log(sum);
     for (int64_t k = 0; k < layout.size; ++k) {
       const int64_t e = base + k * layout.inner;
-      output[e] = static_cast<T>(Math::output(static_cast<A>(input[e]), shift));
+      output[e] = static_cast<T>(Math::output(static_cast<A>(input[e]), max, log_sum));
     }
   }
 }
@@ -119,22 +126,25 @@ __global__ void log_softmax_backward_columns_kernel(const T* grad, const T* outp
 template <typename T>
 __global__ void nll_forward_kernel_impl(const T* input, const int64_t* target, int64_t rows,
                                         int64_t classes, int64_t ignore_index,
-                                        at::opmath_type<T>* row_loss, at::opmath_type<T>* lse) {
+                                        at::opmath_type<T>* row_loss,
+                                        at::opmath_type<T>* lse_terms) {
   using A = at::opmath_type<T>;
   __shared__ A scratch[kThreadsPerBlock];
   for (int64_t n = blockIdx.x; n < rows; n += gridDim.x) {
     const T* row = input + n * classes;
-    const A shift = block_row_lse(row, classes, scratch);
+    const Lse<A> lse = block_row_lse(row, classes, scratch);
     if (threadIdx.x == 0) {
       const int64_t t = target[n];
-      lse[n] = shift;
+      lse_terms[2 * n] = lse.max;
+      lse_terms[2 * n + 1] = lse.log_sum;
       if (t == ignore_index) {
         row_loss[n] = A(0);
       } else {
         CUDA_KERNEL_ASSERT(t >= 0 && t < classes && "pyops.log_softmax_nll_loss: target out of bounds");
         // Never read out of bounds, even where device asserts are compiled out.
-        row_loss[n] = (t >= 0 && t < classes) ? shift - static_cast<A>(row[t])
-                                              : std::numeric_limits<A>::quiet_NaN();
+        row_loss[n] = (t >= 0 && t < classes)
+                          ? Math::nll_loss(static_cast<A>(row[t]), lse.max, lse.log_sum)
+                          : std::numeric_limits<A>::quiet_NaN();
       }
     }
   }
@@ -142,7 +152,7 @@ __global__ void nll_forward_kernel_impl(const T* input, const int64_t* target, i
 
 template <typename T>
 __global__ void nll_backward_kernel_impl(const T* input, const int64_t* target,
-                                         const at::opmath_type<T>* lse,
+                                         const at::opmath_type<T>* lse_terms,
                                          const at::opmath_type<T>* row_weight, int64_t rows,
                                          int64_t classes, T* grad_input) {
   using A = at::opmath_type<T>;
@@ -152,8 +162,9 @@ __global__ void nll_backward_kernel_impl(const T* input, const int64_t* target,
        e += stride) {
     const int64_t n = e / classes, c = e % classes;
     const A is_target = target[n] == c ? A(1) : A(0);
-    grad_input[e] =
-        static_cast<T>(Math::nll_grad(static_cast<A>(input[e]), lse[n], is_target, row_weight[n]));
+    grad_input[e] = static_cast<T>(Math::nll_grad(static_cast<A>(input[e]), lse_terms[2 * n],
+                                                  lse_terms[2 * n + 1], is_target,
+                                                  row_weight[n]));
   }
 }
 

@@ -107,7 +107,7 @@ std::tuple<Tensor, Tensor> nll_impl(const Tensor& self, const Tensor& target_arg
   Tensor target = target_arg.contiguous();
   const auto acc_options = input.options().dtype(compute_type(input));
   Tensor row_loss = at::empty({input.size(0)}, acc_options);
-  Tensor lse = at::empty({input.size(0)}, acc_options);
+  Tensor lse = at::empty({input.size(0), 2}, acc_options);  // (max, log_sum) per row
   if (input.numel() > 0) {
     nll_forward_kernel(input.device().type())(input, target, ignore_index, row_loss, lse);
   } else {
@@ -134,8 +134,9 @@ Tensor nll_backward_impl(const Tensor& grad_loss, const Tensor& self, const Tens
   Tensor input = self.contiguous();
   Tensor target = target_arg.contiguous();
   const at::ScalarType acc = compute_type(input);
-  TORCH_CHECK(lse.dim() == 1 && lse.size(0) == input.size(0) && lse.scalar_type() == acc, op,
-              ": expected lse of shape (", input.size(0), ",) and dtype ", acc, ", got ",
+  TORCH_CHECK(lse.dim() == 2 && lse.size(0) == input.size(0) && lse.size(1) == 2 &&
+                  lse.scalar_type() == acc,
+              op, ": expected lse of shape (", input.size(0), ", 2) and dtype ", acc, ", got ",
               lse.sizes(), " ", lse.scalar_type());
   // Each row's weight: the upstream gradient of its loss, zero where ignored.
   Tensor valid = at::ne(target, ignore_index).to(acc);
@@ -265,7 +266,7 @@ TORCH_LIBRARY_FRAGMENT(pyops, m) {
   m.def("log_softmax(Tensor self, int dim) -> Tensor");
   m.def("_log_softmax_backward(Tensor grad_output, Tensor output, int dim) -> Tensor");
   // Returns the loss and each row's log-sum-exp (what the backward needs instead of the
-  // whole log-probability tensor).
+  // whole log-probability tensor), as its two terms: lse[n] = (max, log(sum(exp(x - max)))).
   m.def("log_softmax_nll_loss(Tensor input, Tensor target, str reduction=\"mean\", "
         "int ignore_index=-100) -> (Tensor loss, Tensor lse)");
   m.def("_log_softmax_nll_loss_backward(Tensor grad_loss, Tensor input, Tensor target, "

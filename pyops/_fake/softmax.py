@@ -23,7 +23,8 @@ def _nll_fake(input, target, reduction="mean", ignore_index=-100):
     torch._check(input.dim() == 2, lambda: "pyops.log_softmax_nll_loss: expected input (N, C)")
     rows = input.shape[0]
     loss = input.new_empty((rows,) if reduction == "none" else ())
-    return loss, input.new_empty((rows,), dtype=_compute_dtype(input.dtype))
+    # Each row's log-sum-exp as its two terms: (max, log(sum(exp(x - max)))).
+    return loss, input.new_empty((rows, 2), dtype=_compute_dtype(input.dtype))
 
 
 @register_fake("pyops::_log_softmax_nll_loss_backward")

@@ -38,7 +38,8 @@ def log_softmax_nll_loss(input, target, reduction="mean", ignore_index=-100):
     forward and backward (what ``torch.nn.functional.cross_entropy`` computes without
     class weights or label smoothing). ``input`` is (N, C) or (C,), ``target`` holds class
     indices (int64) of shape (N,) or (); ``reduction`` is 'mean', 'sum' or 'none'. The
-    backward keeps each row's log-sum-exp instead of the (N, C) log-probabilities.
+    backward keeps each row's log-sum-exp (as its max and the log of its sum of
+    exponentials) instead of the (N, C) log-probabilities.
     """
     if has_torch_function((input, target)):
         return handle_torch_function(
