@@ -364,6 +364,10 @@ def module_samples(dtype, device="cpu", *, seed=0):
         ModuleSample("Conv2d", on(lambda: nn.Conv2d(8, 12, 3, padding=1)), (image,)),
         ModuleSample("ConvTranspose2d", on(lambda: nn.ConvTranspose2d(8, 4, 3, stride=2)),
                      (image,)),
+        ModuleSample("Conv2dAct", on(lambda: nn.Conv2dAct(8, 12, 3, padding=1,
+                                                          activation="leaky_relu")), (image,)),
+        ModuleSample("LinearAct", on(lambda: nn.LinearAct(10, 6, activation="tanh")), (image,)),
+        ModuleSample("ReLUMaxPool2d", on(lambda: nn.ReLUMaxPool2d(3, 2, 1)), (image,)),
     ]
 
 
