@@ -45,4 +45,21 @@ inline void check_same_shape(const at::Tensor& t, const char* arg, const at::Ten
               ref_arg, " ", ref.sizes(), ", got ", t.sizes());
 }
 
+// Arithmetic on size arguments (tensor sizes, strides, paddings, dilations) that raises
+// instead of wrapping: huge arguments, or sizes of expanded tensors, must give an error
+// and never signed overflow (undefined behaviour).
+inline int64_t checked_add(int64_t a, int64_t b, const char* what, const char* op) {
+  int64_t result = 0;
+  TORCH_CHECK_VALUE(!__builtin_add_overflow(a, b, &result), op, ": ", what,
+                    " does not fit in int64 (", a, " + ", b, ")");
+  return result;
+}
+
+inline int64_t checked_mul(int64_t a, int64_t b, const char* what, const char* op) {
+  int64_t result = 0;
+  TORCH_CHECK_VALUE(!__builtin_mul_overflow(a, b, &result), op, ": ", what,
+                    " does not fit in int64 (", a, " * ", b, ")");
+  return result;
+}
+
 }  // namespace pyops

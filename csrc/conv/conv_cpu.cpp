@@ -13,6 +13,7 @@
 #include <ATen/Parallel.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/from_blob.h>
+#include <ATen/ops/isfinite.h>
 #include <ATen/ops/mm.h>
 #include <ATen/ops/addmm.h>
 #include <ATen/ops/zeros.h>
@@ -552,6 +553,16 @@ void gemm_backward_weight(const ConvShape& s, const Tensor& input, const Tensor&
 
 // ---- Entry points ------------------------------------------------------------------------
 
+// The direct path's backward passes run their flat loops over padded planes: they also
+// multiply the zero padding of one operand by values of the other that no term of the
+// convolution pairs (the input under the gradient's padding columns, the flipped kernel
+// over the gradient's border). Zero times a finite value adds nothing; zero times inf or
+// NaN would leak NaN where the convolution has none. Such operands take the im2col
+// path, which multiplies only the pairs the convolution defines.
+bool all_finite(const Tensor& t) {
+  return at::isfinite(t).all().item<bool>();
+}
+
 DirectPlan forward_plan(const ConvShape& s) {
   return DirectPlan{s.in_h,     s.in_w,     s.pad_h,      s.pad_w,      s.out_h,
                     s.out_w,    s.kernel_h, s.kernel_w, s.dilation_h, s.dilation_w};
@@ -581,7 +592,8 @@ void backward_input(const ConvShape& s, const Tensor& grad_output, const Tensor&
     using Acc = opmath_t<scalar_t>;
     const scalar_t* b = bias.defined() ? bias.const_data_ptr<scalar_t>() : nullptr;
     visit_activation<Acc>(act, slope, [&](auto fn) {
-      if (use_direct(s.out_per_group(), s.in_per_group(), s.stride_h, s.stride_w)) {
+      if (use_direct(s.out_per_group(), s.in_per_group(), s.stride_h, s.stride_w) &&
+          all_finite(weight)) {
         // With stride 1 the input gradient is a correlation of grad_output with the
         // flipped kernel, channels swapped within each group, padded by
         // dilation * (kernel - 1) - pad (negative: cropped).
@@ -614,7 +626,8 @@ void backward_input(const ConvShape& s, const Tensor& grad_output, const Tensor&
 void backward_weight(const ConvShape& s, const Tensor& input, const Tensor& grad_output,
                      const Tensor& grad_weight) {
   PYOPS_DISPATCH_FLOATING(input.scalar_type(), "pyops_conv2d_backward_weight_cpu", [&] {
-    if (use_direct(s.in_per_group(), s.out_per_group(), s.stride_h, s.stride_w)) {
+    if (use_direct(s.in_per_group(), s.out_per_group(), s.stride_h, s.stride_w) &&
+        all_finite(input)) {
       direct_backward_weight<scalar_t>(s, forward_plan(s), input.const_data_ptr<scalar_t>(),
                                        grad_output.const_data_ptr<scalar_t>(),
                                        grad_weight.data_ptr<scalar_t>());
