@@ -36,7 +36,7 @@ def dtype_id(dtype):
 
 # Property fuzzing (tests/test_fuzz.py): derandomized, so every run draws the same
 # examples; PYOPS_FUZZ_EXAMPLES sets how many per op (the long run: 2000).
-FUZZ_EXAMPLES = int(os.environ.get("PYOPS_FUZZ_EXAMPLES", "30"))
+FUZZ_EXAMPLES = int(os.environ.get("PYOPS_FUZZ_EXAMPLES", "60"))
 settings.register_profile(
     "pyops", derandomize=True, database=None, deadline=None, max_examples=FUZZ_EXAMPLES,
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],

@@ -9,13 +9,13 @@ on the same inputs, and expects one of:
   same places), dtype, shape, the tensors it writes (out=, in place), and gradients.
 - LIKE_TORCH(words): whatever torch does; where torch raises, pyops raises too, with
   each of `words` in its message.
-- Raises(error, words, torch): pyops raises exactly `error`, its message holding each of
-  `words` (the argument, what was expected, what came). `torch` says what torch does
-  there, and is checked: "raises", "accepts" (a documented pyops refusal: e.g. integer
-  dtypes, or a meta tensor mixed with CPU ones, where torch returns uninitialized data)
-  or "any" (the generated rows, whose torch outcome varies by op).
+- Raises(error, words, torch): pyops raises exactly `error` (a type, or a tuple of them),
+  its message holding each of `words` (the argument, what was expected, what came).
+  `torch` says what torch does there, and is checked: "raises", "accepts" (a documented
+  pyops refusal: e.g. integer dtypes, or a meta tensor mixed with CPU ones, where torch
+  returns uninitialized data) or "any" (generated rows, whose torch outcome varies by op).
 
-The generated rows (dtypes, devices, NaN/inf, all-meta) come from each op's valid call,
+The generated rows (dtypes, devices, sparse, NaN/inf, all-meta) come from each op's valid call,
 so a new op needs only its entry in FUNCTIONAL (a test fails without one).
 """
 
@@ -26,10 +26,10 @@ from typing import Any, Callable
 
 import pytest
 import torch
+import torch.nn.functional as TF
 
 import pyops
 import pyops.functional as F
-import torch.nn.functional as TF
 from native_twins import (NATIVE, as_pair, native_conv2d_zero_padded,
                           native_conv_transpose2d_cropped, native_dropout, native_min_pool2d)
 
@@ -100,7 +100,7 @@ class Outcome:
 
 
 def _floating(t):
-    return isinstance(t, torch.Tensor) and (t.is_floating_point() or t.is_complex())
+    return isinstance(t, torch.Tensor) and t.is_floating_point()
 
 
 def _first_tensor(result):
@@ -120,7 +120,7 @@ def run(fn, arguments, transforms=(), grad=True, seed=0):
     if grad:
         for value in kwargs.values():
             for t in value if isinstance(value, (list, tuple)) else (value,):
-                if _floating(t) and t.is_leaf and not t.requires_grad and not t.is_complex():
+                if _floating(t) and t.is_leaf and not t.requires_grad:
                     t.requires_grad_()
                     leaves.append(t)
     outcome = Outcome(arguments=kwargs)
@@ -182,8 +182,9 @@ def _describe(error):
 def check(expect, mine, native):
     """Hold pyops' outcome `mine` and torch's `native` to the expectation."""
     if expect.kind == "raises":
-        assert mine.error is not None, f"pyops did not raise {expect.error.__name__}"
-        assert type(mine.error) is expect.error, f"pyops raised {_describe(mine.error)}"
+        errors = expect.error if isinstance(expect.error, tuple) else (expect.error,)
+        assert mine.error is not None, f"pyops did not raise {expect.error}"
+        assert type(mine.error) in errors, f"pyops raised {_describe(mine.error)}"
         message = str(mine.error)
         for word in expect.words:
             assert word in message, f"{word!r} not in pyops' message: {message}"
@@ -303,7 +304,7 @@ def _to(dtype=None, device=None):
 
 
 def _with_values(*values):
-    """Write NaN/inf values into the first elements of a tensor (in a copy)."""
+    """A copy of a tensor with `values` (NaN, inf) written at flat elements 0, 7, 14, ..."""
     def transform(t):
         t = t.clone()
         flat = t.view(-1)
@@ -327,6 +328,11 @@ def generated_cases():
                 cases.append(Case(name, f"{arg}-{given}", Raises(
                     TypeError, arg, "float32, float64, float16 or bfloat16", given, torch="any"),
                     transforms=(replace(arg, _to(dtype)),)))
+        # Layouts pyops has no kernels for: the dispatcher refuses them, naming the layout
+        # (or, under autograd, a C++ check does first).
+        cases.append(Case(name, f"{floating[0]}-sparse", Raises(
+            (NotImplementedError, TypeError), "Sparse", torch="any"),
+            transforms=(replace(floating[0], lambda t: t.to_sparse()),)))
         for arg in floating[1:]:
             cases.append(Case(name, f"{arg}-float64", Raises(
                 TypeError, arg, f"dtype of {floating[0]} (Float)", "Double", torch="any"),
@@ -536,6 +542,10 @@ def _conv_cases():
             Case(op, "padding=valid", SAME, dict(padding="valid")),
             Case(op, "no-bias", SAME, dict(bias=None)),
             Case(op, "empty-batch", SAME, dict(input=randn(0, 4, 7, 8))),
+            # torch skips its dilation check when the batch is empty.
+            Case(op, "empty-batch-dilation=0", Raises(ValueError, "dilation", "positive", "0",
+                                                      torch="accepts"),
+                 dict(input=randn(0, 4, 7, 8), dilation=0)),
             Case(op, "unbatched", SAME, dict(input=randn(4, 7, 8))),
             Case(op, "unbatched-same", SAME, dict(input=randn(4, 7, 8), padding="same")),
             Case(op, "channels-last", SAME, transforms=(replace("input", _CL),)),
@@ -596,10 +606,20 @@ def _conv_cases():
         Case(ct, "huge-padding", Raises(ValueError, "padding", "int64"), dict(padding=2 ** 62)),
         Case(ct, "bias-size", Raises(RuntimeError, "bias", "[3]", "[5]"), dict(bias=randn(5))),
         Case(ct, "empty-batch", SAME, dict(input=randn(0, 4, 5, 6))),
-        # torch skips its argument checks when the batch is empty.
+        # torch skips these checks when the batch is empty.
         Case(ct, "empty-batch-output-padding-too-large", Raises(
             ValueError, "output_padding", "smaller than either stride or dilation",
             torch="accepts"), dict(input=randn(0, 4, 5, 6), output_padding=2)),
+        # torch returns an empty tensor for a 0 x 0 output with a batch of 2, and raises
+        # with a batch of 1 (its kernels differ): pyops raises.
+        Case(ct, "output-size-0", Raises(RuntimeError, "output size 0 x 0", "too small",
+                                         torch="accepts"),
+             dict(input=randn(2, 4, 4, 4), weight=randn(4, 3, 1, 1), stride=1, padding=2,
+                  output_padding=0)),
+        Case(ct, "empty-batch-output-too-small", Raises(
+            RuntimeError, "output size", "too small", torch="accepts"),
+            dict(input=randn(0, 4, 1, 2), weight=randn(4, 3, 1, 1), stride=1, padding=(0, 1),
+                 output_padding=0)),
         Case(ct, "unbatched", SAME, dict(input=randn(4, 5, 6))),
         Case(ct, "groups=2", SAME, dict(weight=randn(4, 2, 3, 3), bias=randn(4), groups=2)),
         Case(ct, "dilation=2", SAME, dict(dilation=2, output_padding=0)),
@@ -927,7 +947,7 @@ def run_module(cls, case, spec):
             if case.prepare:
                 x = case.prepare(module, x)
             leaves = list(module.parameters())
-            if case.grad and _floating(x) and not x.is_complex() and x.is_leaf:
+            if case.grad and _floating(x) and x.is_leaf:
                 x.requires_grad_()
                 leaves.insert(0, x)
             outcome.arguments = {"input": x}

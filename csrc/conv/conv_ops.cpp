@@ -275,6 +275,8 @@ Tensor conv_transpose2d_impl(const Tensor& input, const Tensor& weight, const Op
     out[i] = checked_add(grown, extra[i] + 1, "the output size", op) -
              checked_mul(2, a.padding[i], "2 * padding", op);
   }
+  // An output of zero rows or columns too: torch raises for it or returns an empty
+  // tensor, depending on the batch size (the kernel it picks).
   TORCH_CHECK(out[0] > 0 && out[1] > 0, op, ": the output size ", out[0], " x ", out[1],
               " is too small (input ", shape_string(input.sizes()), ", weight ",
               shape_string(weight.sizes()), ", padding ", padding, ")");
