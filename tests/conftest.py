@@ -1,5 +1,9 @@
+import os
+import sys
+
 import pytest
 import torch
+from hypothesis import HealthCheck, settings
 
 import pyops  # noqa: F401  (registers the operators)
 
@@ -28,3 +32,23 @@ def device(request):
 
 def dtype_id(dtype):
     return str(dtype).replace("torch.", "")
+
+
+# Property fuzzing (tests/test_fuzz.py): derandomized, so every run draws the same
+# examples; PYOPS_FUZZ_EXAMPLES sets how many per op (the long run: 2000).
+FUZZ_EXAMPLES = int(os.environ.get("PYOPS_FUZZ_EXAMPLES", "60"))
+settings.register_profile(
+    "pyops", derandomize=True, database=None, deadline=None, max_examples=FUZZ_EXAMPLES,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+    print_blob=True)
+settings.load_profile("pyops")
+
+
+def pytest_terminal_summary(terminalreporter):
+    fuzz = sys.modules.get("test_fuzz")
+    if fuzz is not None and sum(fuzz.EXAMPLES_RUN.values()):
+        runs = fuzz.EXAMPLES_RUN
+        terminalreporter.write_line(
+            f"pyops fuzz: {runs['compared'] + runs['raised']} examples run, "
+            f"{runs['compared']} compared with torch, {runs['raised']} raised by both "
+            f"(PYOPS_FUZZ_EXAMPLES={FUZZ_EXAMPLES} per op)")

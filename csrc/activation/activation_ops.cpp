@@ -65,7 +65,7 @@ Tensor forward_impl(Activation act, double slope, const Tensor& self, const char
 
 void forward_inplace_impl(Activation act, double slope, const Tensor& self, const char* op) {
   check_floating(self, "input", op);
-  at::assert_no_internal_overlap(self);
+  check_writable(self, "input", op);
   if (self.numel() == 0) return;
   if (self.is_non_overlapping_and_dense()) {
     forward_kernel(self.device().type())(act, slope, self, self);
@@ -87,7 +87,7 @@ void check_out(const Tensor& out, const char* out_arg, const Tensor& ref, const 
   check_floating(out, out_arg, op);
   check_same_dtype(out, out_arg, ref, ref_arg, op);
   check_same_device(out, out_arg, ref, ref_arg, op);
-  at::assert_no_internal_overlap(out);
+  check_writable(out, out_arg, op);
 }
 
 void forward_out_impl(Activation act, double slope, const Tensor& self, const Tensor& out,

@@ -41,18 +41,11 @@ struct ConvShape {
 };
 
 // Output extent of a convolution along one dimension (torch's formula); may be <= 0 when
-// the kernel is larger than the padded input (the operators reject that).
+// the kernel is larger than the padded input (the operators reject that, and check its
+// terms for int64 overflow first).
 C10_HOST_DEVICE constexpr int64_t conv_output_size(int64_t in, int64_t kernel, int64_t stride,
                                                    int64_t pad, int64_t dilation) {
   return (in + 2 * pad - dilation * (kernel - 1) - 1) / stride + 1;
-}
-
-// Output extent of a transposed convolution along one dimension.
-C10_HOST_DEVICE constexpr int64_t conv_transpose_output_size(int64_t in, int64_t kernel,
-                                                             int64_t stride, int64_t pad,
-                                                             int64_t dilation,
-                                                             int64_t output_padding) {
-  return (in - 1) * stride - 2 * pad + dilation * (kernel - 1) + output_padding + 1;
 }
 
 // Input coordinate read by output coordinate `out` at kernel tap `k` (may fall in the

@@ -914,10 +914,12 @@ void implicit_backward_weight(const ConvShape& s, const DirectPlan& p, const flo
 
 // ---- Entry points ------------------------------------------------------------------------
 
-// The stride-1 input-gradient paths correlate the zero-padded grad_output with the flipped
-// kernel: they also multiply the padding by weights that no term of the convolution pairs
-// with it. Zero times a finite weight adds nothing; zero times inf or NaN would leak NaN
-// where the convolution has none, so such weights take an im2col path.
+// The direct path's backward passes and the stride-1 input-gradient paths run over padded
+// planes: they also multiply the zero padding of one operand by values of the other that
+// no term of the convolution pairs (the input under the gradient's padding columns, the
+// flipped kernel over the gradient's border). Zero times a finite value adds nothing; zero
+// times inf or NaN would leak NaN where the convolution has none. Such operands take a
+// path that multiplies only the pairs the convolution defines.
 bool all_finite(const Tensor& t) {
   return at::isfinite(t).all().item<bool>();
 }
@@ -1029,7 +1031,12 @@ void backward_input(const ConvShape& s, const Tensor& grad_output, const Tensor&
 void backward_weight(const ConvShape& s, const Tensor& input, const Tensor& grad_output,
                      const Tensor& grad_weight) {
   PYOPS_DISPATCH_FLOATING(input.scalar_type(), "pyops_conv2d_backward_weight_cpu", [&] {
-    const Path path = choose_path<scalar_t>(s, s.in_per_group(), s.out_per_group());
+    Path path = choose_path<scalar_t>(s, s.in_per_group(), s.out_per_group());
+    if (path == Path::kDirect && !all_finite(input)) {
+      path = !std::is_same_v<scalar_t, float> ? Path::kAtenGemm
+             : use_implicit_gemm(s)          ? Path::kImplicitGemm
+                                             : Path::kPackedGemm;
+    }
     if (path == Path::kDirect) {
       direct_backward_weight<scalar_t>(s, forward_plan(s), input.const_data_ptr<scalar_t>(),
                                        grad_output.const_data_ptr<scalar_t>(),

@@ -94,6 +94,10 @@ void check_tensors(const Tensor& input, const Tensor& weight, const OptionalTens
               ": expected a 4-D weight [out_channels, in_channels / groups, kH, kW]"
               " (conv_transpose2d: [in_channels, out_channels / groups, kH, kW]), got ",
               weight.dim(), "-D weight of size ", weight.sizes());
+  // torch raises for a zero-size weight too (and, for no input channels, returns a
+  // wrongly shaped result): an empty kernel or channel count is refused here.
+  TORCH_CHECK(weight.numel() > 0, op, ": expected a weight with no zero-size dimension, got ",
+              "weight of size ", weight.sizes());
   if (bias.has_value() && bias->defined()) {
     check_floating(*bias, "bias", op);
     check_same_dtype(*bias, "bias", input, "input", op);
@@ -109,15 +113,19 @@ void check_bias_size(const OptionalTensor& bias, int64_t channels, const char* o
 
 // Output size of a convolution; checks that the dilated kernel fits the padded input.
 Pair conv_output_hw(const Tensor& input, const Tensor& weight, const ConvArgs& a, const char* op) {
+  Pair padded{}, extent{};
+  for (int i = 0; i < 2; ++i) {
+    padded[i] = checked_add(input.size(2 + i), checked_mul(2, a.padding[i], "2 * padding", op),
+                            "the padded input size", op);
+    extent[i] = checked_add(checked_mul(a.dilation[i], weight.size(2 + i) - 1,
+                                        "the dilated kernel size", op),
+                            1, "the dilated kernel size", op);
+  }
   Pair out{};
   for (int i = 0; i < 2; ++i) {
-    const int64_t padded = input.size(2 + i) + 2 * a.padding[i];
-    const int64_t extent = a.dilation[i] * (weight.size(2 + i) - 1) + 1;
-    TORCH_CHECK(extent <= padded, op, ": the kernel (", weight.size(2), " x ", weight.size(3),
-                ", dilated: ", a.dilation[0] * (weight.size(2) - 1) + 1, " x ",
-                a.dilation[1] * (weight.size(3) - 1) + 1,
-                ") is larger than the padded input (", input.size(2) + 2 * a.padding[0], " x ",
-                input.size(3) + 2 * a.padding[1], ")");
+    TORCH_CHECK(extent[i] <= padded[i], op, ": the kernel (", weight.size(2), " x ",
+                weight.size(3), ", dilated: ", extent[0], " x ", extent[1],
+                ") is larger than the padded input (", padded[0], " x ", padded[1], ")");
     out[i] = conv_output_size(input.size(2 + i), weight.size(2 + i), a.stride[i], a.padding[i],
                               a.dilation[i]);
   }
@@ -248,18 +256,30 @@ Tensor conv_transpose2d_impl(const Tensor& input, const Tensor& weight, const Op
               weight.sizes(), " expects input to have ", weight.size(0),
               " channels, got input of size ", input.sizes(), " with ", input.size(1),
               " channels");
+  // As torch: only the batch may be empty (no input channels is a zero-size weight).
+  TORCH_CHECK(input.size(2) > 0 && input.size(3) > 0, op,
+              ": expected input with non-zero height and width (only the batch may be empty), "
+              "got input of size ", input.sizes());
   Pair out{};
   for (int i = 0; i < 2; ++i) {
     TORCH_CHECK_VALUE(extra[i] >= 0 && (extra[i] < a.stride[i] || extra[i] < a.dilation[i]), op,
                       ": expected output_padding to be non-negative and smaller than either "
                       "stride or dilation, got output_padding=", output_padding,
                       ", stride=", stride, ", dilation=", dilation);
-    out[i] = conv_transpose_output_size(input.size(2 + i), weight.size(2 + i), a.stride[i],
-                                        a.padding[i], a.dilation[i], extra[i]);
-    TORCH_CHECK(out[i] > 0, op, ": the output size ", out[0], " x ", out[1],
-                " is too small (input ", shape_string(input.sizes()), ", weight ",
-                shape_string(weight.sizes()), ", padding ", padding, ")");
+    // The output extent, each term checked for overflow: (in - 1) * stride
+    // + dilation * (kernel - 1) + output_padding + 1 - 2 * padding.
+    const int64_t grown = checked_add(
+        checked_mul(input.size(2 + i) - 1, a.stride[i], "(input size - 1) * stride", op),
+        checked_mul(a.dilation[i], weight.size(2 + i) - 1, "the dilated kernel size", op),
+        "the output size", op);
+    out[i] = checked_add(grown, extra[i] + 1, "the output size", op) -
+             checked_mul(2, a.padding[i], "2 * padding", op);
   }
+  // An output of zero rows or columns too: torch raises for it or returns an empty
+  // tensor, depending on the batch size (the kernel it picks).
+  TORCH_CHECK(out[0] > 0 && out[1] > 0, op, ": the output size ", out[0], " x ", out[1],
+              " is too small (input ", shape_string(input.sizes()), ", weight ",
+              shape_string(weight.sizes()), ", padding ", padding, ")");
   const int64_t out_channels = weight.size(1) * groups;
   check_bias_size(bias, out_channels, op);
   // The convolution whose input gradient this is: input <-> output swapped.
@@ -269,14 +289,9 @@ Tensor conv_transpose2d_impl(const Tensor& input, const Tensor& weight, const Op
                     groups};
   Tensor output = at::empty({s.batch, out_channels, out[0], out[1]}, input.options());
   if (output.numel() > 0) {
-    if (input.numel() == 0) {  // no input channels: the output is the bias
-      output.zero_();
-      if (bias.has_value() && bias->defined()) output.add_(bias->view({1, -1, 1, 1}));
-    } else {
-      backward_input_kernel(input.device().type())(s, input.contiguous(), weight.contiguous(),
-                                                   defined_or_empty(bias), Activation::None, 0.0,
-                                                   output);
-    }
+    backward_input_kernel(input.device().type())(s, input.contiguous(), weight.contiguous(),
+                                                 defined_or_empty(bias), Activation::None, 0.0,
+                                                 output);
   }
   return in_format(output, use_channels_last(input, weight));
 }

@@ -44,7 +44,7 @@ Tensor dropout_inplace_impl(const Tensor& self, double p) {
   constexpr const char* op = "pyops.dropout_";
   check_floating(self, "input", op);
   check_probability(p, op);
-  at::assert_no_internal_overlap(self);
+  check_writable(self, "input", op);
   Tensor work = self.is_non_overlapping_and_dense() ? self : self.contiguous();
   Tensor mask = at::empty_like(work, work.options().dtype(at::kBool));
   if (work.numel() > 0) forward_kernel(work.device().type())(work, p, work, mask);

@@ -7,6 +7,7 @@
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <ATen/ops/addmm.h>
 #include <ATen/ops/mm.h>
+#include <c10/util/accumulate.h>
 #include <torch/autograd.h>
 #include <torch/library.h>
 
@@ -45,6 +46,13 @@ void check_args(const Tensor& input, const Tensor& weight, const c10::optional<T
   }
 }
 
+// `t` (..., features) as a matrix (rows, features). Not reshape({-1, features}): with
+// zero features the row count cannot be inferred.
+Tensor as_matrix(const Tensor& t, int64_t features) {
+  const auto sizes = t.sizes();
+  return t.reshape({c10::multiply_integers(sizes.begin(), sizes.end() - 1), features});
+}
+
 std::vector<int64_t> output_shape(const Tensor& input, const Tensor& weight) {
   std::vector<int64_t> shape(input.sizes().begin(), input.sizes().end());
   shape.back() = weight.size(0);
@@ -76,7 +84,7 @@ Tensor linear_act_impl(const Tensor& input, const Tensor& weight,
   check_args(input, weight, bias_opt);
   const Activation act = activation::parse_activation(activation_name, kOp);
   const Tensor bias = bias_opt.value_or(Tensor());
-  const Tensor x = input.reshape({-1, input.size(-1)});
+  const Tensor x = as_matrix(input, input.size(-1));
   Tensor y;
   if (act == Activation::None || bias_in_gemm(input)) {
     // Exactly torch's linear: the bias rides in the GEMM (beta = 1); then the activation
@@ -121,7 +129,7 @@ struct LinearActFunction : torch::autograd::Function<LinearActFunction> {
       } else {
         // A negative leaky slope: the backward needs the pre-activation (bias included,
         // added in the GEMM), kept apart.
-        const Tensor x = input.reshape({-1, input.size(-1)});
+        const Tensor x = as_matrix(input, input.size(-1));
         act_saved = bias.defined() ? at::addmm(bias, x, weight.t()) : at::mm(x, weight.t());
         static auto leaky = op_handle<Tensor(const Tensor&, double)>("pyops::leaky_relu");
         result = leaky.call(act_saved, slope).view(output_shape(input, weight));
@@ -140,12 +148,12 @@ struct LinearActFunction : torch::autograd::Function<LinearActFunction> {
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
     const auto saved = ctx->get_saved_variables();
     const Tensor &weight = saved[1], &bias = saved[2];
-    const Tensor x = saved[0].reshape({-1, weight.size(1)});
-    const Tensor act_saved = saved[3].reshape({-1, weight.size(0)});
+    const Tensor x = as_matrix(saved[0], weight.size(1));
+    const Tensor act_saved = as_matrix(saved[3], weight.size(0));
     const auto act = static_cast<Activation>(ctx->saved_data["act"].toInt());
     const double slope = ctx->saved_data["slope"].toDouble();
     const bool saved_is_result = ctx->saved_data["saved_is_result"].toBool();
-    Tensor grad = grads[0].reshape({-1, weight.size(0)});
+    Tensor grad = as_matrix(grads[0], weight.size(0));
     // The gradient before the activation, and the bias gradient, in one pass.
     Tensor grad_z, grad_bias;
     if (act == Activation::None) {

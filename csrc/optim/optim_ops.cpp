@@ -82,7 +82,7 @@ void check_params(const char* op, TensorList params) {
     TORCH_CHECK(p.device() == params[0].device(), op,
                 ": expected every param on the device of params[0] (", params[0].device(),
                 "), got ", p.device(), " for params[", i, "]; call the operator once per device");
-    TORCH_CHECK(at::has_internal_overlap(p) != at::MemOverlap::Yes, op, ": params[", i,
+    TORCH_CHECK(provably_non_overlapping(p), op, ": params[", i,
                 "] has elements that share memory (e.g. an expanded tensor); an in-place "
                 "update of it is ill-defined");
   }
@@ -101,6 +101,11 @@ void check_no_shared_memory(const char* op, const std::vector<NamedList>& writte
   for (const NamedList& list : written) {
     for (const auto i : c10::irange(list.tensors.size())) {
       const Tensor& t = list.tensors[i];
+      // Checked before anything is written: an expanded state would otherwise fail only
+      // when its updated copy is written back, after the params were updated.
+      TORCH_CHECK(provably_non_overlapping(t), op, ": ", list.name, "[",
+                  i, "] has elements that share memory (e.g. an expanded tensor); an in-place "
+                  "update of it is ill-defined");
       if (t.numel() == 0 || !t.is_non_overlapping_and_dense()) continue;
       const auto begin = reinterpret_cast<uintptr_t>(t.data_ptr());
       spans.push_back({begin, begin + t.numel() * t.element_size(), list.name, i});

@@ -44,6 +44,14 @@ C10_HOST_DEVICE inline TapRange valid_taps(int64_t out_index, int64_t stride, in
   return {begin, end < begin ? begin : end};
 }
 
+// A window can lie wholly in the padding (a dilation larger than the input steps over
+// it). It reduces nothing: its result is the reduction's identity (-inf for max, as
+// torch's max_pool2d and max_pool2d(relu(x)) give; +inf for min), and it passes no
+// gradient, whatever index it stores (torch's int64 index for it names no tap of it).
+C10_HOST_DEVICE inline bool window_is_empty(const TapRange& h, const TapRange& w) {
+  return h.begin >= h.end || w.begin >= w.end;
+}
+
 // Average pooling's window along one dimension (no dilation), as torch computes it: the
 // taps [begin, end) inside the input, and the window length counting the padding that
 // the window covers (but not beyond it, which ceil_mode can reach).

@@ -137,7 +137,7 @@ inline void arg_window_scalar(const Geometry& g, const T* base, int64_t col, int
       }
     }
   }
-  const Acc result = Reduce::finalize(best);
+  const Acc result = window_is_empty(hr, wr) ? best : Reduce::finalize(best);
   *out = static_cast<T>(result);
   if constexpr (K != IndexKind::None) {
     *index = index_value<K, Reduce>(g, best_offset, result, ih0, iw0);
@@ -334,7 +334,8 @@ void arg_forward_nchw(const Geometry& g, const T* input, T* output,
               }
             }
           }
-          const Vec result = Reduce::finalize(best);
+          // Interior columns: the window is empty only where its rows are.
+          const Vec result = hr.begin < hr.end ? Reduce::finalize(best) : best;
           store_acc(out + oh * g.out_w + ow, result);
           if constexpr (K != IndexKind::None) {
             store_lane_indices<K, Reduce>(g, offsets, result, ih0, iw0, g.stride_w,
@@ -386,7 +387,7 @@ void arg_forward_channels_last(const Geometry& g, const T* input, T* output,
             }
           }
         }
-        const Vec result = Reduce::finalize(best);
+        const Vec result = window_is_empty(hr, wr) ? best : Reduce::finalize(best);
         store_acc(out + c, result);
         if constexpr (K != IndexKind::None) {
           store_lane_indices<K, Reduce>(g, offsets, result, ih0, iw0, 0, index + c, 1);
@@ -516,6 +517,17 @@ void arg_backward_typed(const Geometry& g, const Tensor& grad_output, const Tens
       return (oh * g.stride_h - g.pad_h) * g.in_w + ow * g.stride_w - g.pad_w + tap_delta[value];
     }
   };
+  // Outputs whose window lies wholly in the padding pass no gradient (window_is_empty),
+  // whatever index the forward stored for them.
+  std::vector<char> empty_row(g.out_h), empty_col(g.out_w);
+  for (int64_t oh = 0; oh < g.out_h; ++oh) {
+    const TapRange r = valid_taps(oh, g.stride_h, g.pad_h, g.dilation_h, g.kernel_h, g.in_h);
+    empty_row[oh] = r.begin >= r.end;
+  }
+  for (int64_t ow = 0; ow < g.out_w; ++ow) {
+    const TapRange r = valid_taps(ow, g.stride_w, g.pad_w, g.dilation_w, g.kernel_w, g.in_w);
+    empty_col[ow] = r.begin >= r.end;
+  }
   const int64_t in_plane = g.in_h * g.in_w, out_plane = g.out_h * g.out_w;
   if (!g.channels_last) {
     const int64_t grain = std::max<int64_t>(1, kGrainSize / std::max<int64_t>(1, in_plane));
@@ -529,7 +541,9 @@ void arg_backward_typed(const Geometry& g, const Tensor& grad_output, const Tens
         const T* go_plane = go + plane * out_plane;
         const Index* idx_plane = idx + plane * out_plane;
         for (int64_t oh = 0; oh < g.out_h; ++oh) {
+          if (empty_row[oh]) continue;
           for (int64_t ow = 0; ow < g.out_w; ++ow) {
+            if (empty_col[ow]) continue;
             const int64_t o = oh * g.out_w + ow;
             const int64_t position = routed(idx_plane[o], oh, ow);
             if (K != IndexKind::Flat64 && position == -1) continue;
@@ -547,7 +561,9 @@ void arg_backward_typed(const Geometry& g, const Tensor& grad_output, const Tens
   const int64_t C = g.channels;
   scatter_channels_last(g, gi, [&](int64_t n, int64_t c0, int64_t c1, T* gi_sample) {
     for (int64_t oh = 0; oh < g.out_h; ++oh) {
+      if (empty_row[oh]) continue;
       for (int64_t ow = 0; ow < g.out_w; ++ow) {
+        if (empty_col[ow]) continue;
         const int64_t o = ((n * g.out_h + oh) * g.out_w + ow) * C;
         for (int64_t c = c0; c < c1; ++c) {
           const int64_t position = routed(idx[o + c], oh, ow);
@@ -693,6 +709,17 @@ void avg_backward_typed(const Geometry& g, bool count_include_pad, int64_t divis
   constexpr int64_t kLanes = Vec::size();
   const T* go = grad_output.const_data_ptr<T>();
   T* gi = grad_input.data_ptr<T>();
+  // Outputs whose window lies wholly in the padding pass no gradient (window_is_empty),
+  // whatever index the forward stored for them.
+  std::vector<char> empty_row(g.out_h), empty_col(g.out_w);
+  for (int64_t oh = 0; oh < g.out_h; ++oh) {
+    const TapRange r = valid_taps(oh, g.stride_h, g.pad_h, g.dilation_h, g.kernel_h, g.in_h);
+    empty_row[oh] = r.begin >= r.end;
+  }
+  for (int64_t ow = 0; ow < g.out_w; ++ow) {
+    const TapRange r = valid_taps(ow, g.stride_w, g.pad_w, g.dilation_w, g.kernel_w, g.in_w);
+    empty_col[ow] = r.begin >= r.end;
+  }
   const int64_t in_plane = g.in_h * g.in_w, out_plane = g.out_h * g.out_w;
   if (!g.channels_last) {
     const int64_t grain = std::max<int64_t>(1, kGrainSize / std::max<int64_t>(1, in_plane));

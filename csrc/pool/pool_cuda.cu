@@ -82,7 +82,7 @@ __global__ void arg_forward_kernel_impl(Geometry g, IndexKind kind, int64_t n_ou
         }
       }
     }
-    const Acc result = Reduce::finalize(best);
+    const Acc result = window_is_empty(hr, wr) ? best : Reduce::finalize(best);
     output[e] = static_cast<T>(result);
     if (kind == IndexKind::Flat64) {
       const int64_t kh = best_offset / g.kernel_w, kw = best_offset - kh * g.kernel_w;

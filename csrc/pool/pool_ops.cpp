@@ -20,7 +20,9 @@
 #include <torch/autograd.h>
 #include <torch/library.h>
 
+#include <limits>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "common/checks.h"
@@ -71,6 +73,14 @@ PoolArgs parse_args(IntArrayRef kernel_size, IntArrayRef stride, IntArrayRef pad
   a.padding = pair_arg(padding, "padding", op, "either be a single int, or a tuple of two ints");
   a.dilation = pair_arg(dilation, "dilation", op, "either be a single int, or a tuple of two ints");
   a.ceil_mode = ceil_mode;
+  // torch converts these to int and raises beyond its range; the bound also keeps the
+  // window arithmetic below far from int64 overflow.
+  constexpr int64_t kMax = std::numeric_limits<int32_t>::max();
+  for (auto [arg, pair] : {std::pair{"kernel_size", a.kernel}, std::pair{"stride", a.stride},
+                           std::pair{"padding", a.padding}, std::pair{"dilation", a.dilation}}) {
+    TORCH_CHECK(pair.h <= kMax && pair.w <= kMax, op, ": ", arg, " must be at most ", kMax,
+                " (a 32-bit int, as in torch), got ", arg, "=(", pair.h, ", ", pair.w, ")");
+  }
   TORCH_CHECK(a.kernel.h > 0 && a.kernel.w > 0, op,
               ": kernel_size should be greater than zero, but got kernel_size=(", a.kernel.h,
               ", ", a.kernel.w, ")");
@@ -101,8 +111,11 @@ PoolArgs parse_args(IntArrayRef kernel_size, IntArrayRef stride, IntArrayRef pad
 // torch's pooling_output_shape: floor or ceil division, and in ceil_mode the last window
 // must start inside the input or its left padding.
 int64_t output_size(int64_t in, int64_t kernel, int64_t pad, int64_t stride, int64_t dilation,
-                    bool ceil_mode) {
-  const int64_t numerator = in + 2 * pad - dilation * (kernel - 1) - 1 + (ceil_mode ? stride - 1 : 0);
+                    bool ceil_mode, const char* op) {
+  // The arguments are at most 2^31 - 1 (parse_args); only `in` (the size of a possibly
+  // expanded tensor) can bring the sum near the int64 limit.
+  const int64_t numerator = checked_add(in, 2 * pad, "the padded input size", op) -
+                            dilation * (kernel - 1) - 1 + (ceil_mode ? stride - 1 : 0);
   int64_t out = (numerator >= 0 ? numerator / stride : -((-numerator + stride - 1) / stride)) + 1;
   if (ceil_mode && (out - 1) * stride >= in + pad) --out;
   return out;
@@ -135,8 +148,8 @@ Geometry make_geometry(IntArrayRef sizes, const PoolArgs& a, bool channels_last,
   g.pad_w = a.padding.w;
   g.dilation_h = a.dilation.h;
   g.dilation_w = a.dilation.w;
-  g.out_h = output_size(g.in_h, g.kernel_h, g.pad_h, g.stride_h, g.dilation_h, a.ceil_mode);
-  g.out_w = output_size(g.in_w, g.kernel_w, g.pad_w, g.stride_w, g.dilation_w, a.ceil_mode);
+  g.out_h = output_size(g.in_h, g.kernel_h, g.pad_h, g.stride_h, g.dilation_h, a.ceil_mode, op);
+  g.out_w = output_size(g.in_w, g.kernel_w, g.pad_w, g.stride_w, g.dilation_w, a.ceil_mode, op);
   g.channels_last = channels_last;
   TORCH_CHECK(g.out_h >= 1 && g.out_w >= 1, op, ": Given input size: (", g.channels, "x",
               g.in_h, "x", g.in_w, "). Calculated output size: (", g.channels, "x", g.out_h,

@@ -12,9 +12,12 @@
 #include <ATen/ops/exp.h>
 #include <ATen/ops/full.h>
 #include <ATen/ops/ne.h>
+#include <ATen/ops/nonzero.h>
 #include <ATen/ops/sum.h>
 #include <torch/autograd.h>
 #include <torch/library.h>
+
+#include <algorithm>
 
 #include "common/checks.h"
 #include "common/operators.h"
@@ -42,10 +45,18 @@ RowLayout row_layout(const Tensor& t, int64_t dim) {
   return {outer, t.size(dim), inner};
 }
 
+// c10::maybe_wrap_dim (a 0-dim tensor takes dim 0 or -1), with a message that names dim.
+int64_t wrap_dim(int64_t dim, const Tensor& t, const char* arg, const char* op) {
+  const int64_t rank = std::max<int64_t>(t.dim(), 1);
+  TORCH_CHECK_INDEX(dim >= -rank && dim < rank, op, ": Dimension out of range: expected dim in [",
+                    -rank, ", ", rank - 1, "] for ", arg, " with ", t.dim(), " dims, got ", dim);
+  return dim < 0 ? dim + rank : dim;
+}
+
 Tensor log_softmax_impl(const Tensor& self, int64_t dim) {
   constexpr const char* op = "pyops.log_softmax";
   check_floating(self, "input", op);
-  dim = c10::maybe_wrap_dim(dim, self.dim());
+  dim = wrap_dim(dim, self, "input", op);
   Tensor input = self.contiguous();
   Tensor output = at::empty_like(input, at::MemoryFormat::Contiguous);
   if (input.numel() > 0) {
@@ -61,7 +72,7 @@ Tensor log_softmax_backward_impl(const Tensor& grad_output, const Tensor& output
   check_same_dtype(output, "output", grad_output, "grad_output", op);
   check_same_device(output, "output", grad_output, "grad_output", op);
   check_same_shape(output, "output", grad_output, "grad_output", op);
-  dim = c10::maybe_wrap_dim(dim, output.dim());
+  dim = wrap_dim(dim, output, "output", op);
   Tensor grad = grad_output.contiguous();
   Tensor out = output.contiguous();
   Tensor grad_input = at::empty_like(out, at::MemoryFormat::Contiguous);
@@ -111,6 +122,13 @@ std::tuple<Tensor, Tensor> nll_impl(const Tensor& self, const Tensor& target_arg
   if (input.numel() > 0) {
     nll_forward_kernel(input.device().type())(input, target, ignore_index, row_loss, lse);
   } else {
+    // No classes: every target that is not ignored is out of bounds (torch raises too).
+    const Tensor counted = at::ne(target, ignore_index);
+    if (input.size(0) > 0 && counted.any().item<bool>()) {
+      const int64_t row = at::nonzero(counted)[0][0].item<int64_t>();
+      TORCH_CHECK_INDEX(false, op, ": target ", target[row].item<int64_t>(),
+                        " is out of bounds for 0 classes (row ", row, ")");
+    }
     row_loss.zero_();
     lse.fill_(-std::numeric_limits<double>::infinity());
   }

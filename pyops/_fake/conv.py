@@ -2,7 +2,7 @@
 
 import torch
 from torch._prims_common import suggest_memory_format
-from torch.library import register_fake
+from pyops._fake._register import register_fake
 
 
 def _pair(values):
