@@ -1,3 +1,5 @@
+import os
+
 import pytest
 import torch
 
@@ -28,3 +30,21 @@ def device(request):
 
 def dtype_id(dtype):
     return str(dtype).replace("torch.", "")
+
+
+# ---- Slow tests -------------------------------------------------------------------------
+# Tests marked `slow` (tensors of more than 2**31 elements: minutes and many GiB) run only
+# with --run-slow or PYOPS_RUN_SLOW=1; CI sets the variable.
+
+def pytest_addoption(parser):
+    parser.addoption("--run-slow", action="store_true", default=False,
+                     help="also run the tests marked slow (PYOPS_RUN_SLOW=1 does the same)")
+
+
+def pytest_collection_modifyitems(config, items):
+    if config.getoption("--run-slow") or os.environ.get("PYOPS_RUN_SLOW") == "1":
+        return
+    skip = pytest.mark.skip(reason="slow: run with --run-slow or PYOPS_RUN_SLOW=1")
+    for item in items:
+        if "slow" in item.keywords:
+            item.add_marker(skip)
