@@ -14,6 +14,9 @@ Environment:
   TORCH_CUDA_ARCH_LIST           honoured; default "9.0" when no GPU is visible.
   PYOPS_CPU_CAPABILITIES         comma list restricting the CPU kernel copies (for
                                  quick local builds), e.g. "AVX2"; DEFAULT is always built.
+  PYOPS_SANITIZE=1               compile and link the C++-only extension with
+                                 AddressSanitizer and UndefinedBehaviorSanitizer (for
+                                 scripts/sanitize.sh; importing it needs libasan preloaded).
 """
 
 import glob
@@ -71,6 +74,22 @@ def _want_cuda():
                      f"(torch.version.cuda={torch.version.cuda}, CUDA_HOME={CUDA_HOME})")
         return forced == "1"
     return torch.version.cuda is not None and CUDA_HOME is not None
+
+
+def _want_sanitizers():
+    value = os.environ.get("PYOPS_SANITIZE", "0")
+    if value not in ("0", "1"):
+        sys.exit(f"PYOPS_SANITIZE must be 0 or 1, got {value!r}")
+    return value == "1"
+
+
+# -O1 keeps sanitized runs reasonably fast while leaving stack traces readable; -g1 gives
+# the reports file:line without full debug info. A UBSan finding aborts the process.
+# -fno-wrapv undoes Python's -fwrapv (in the flags extensions inherit), under which signed
+# overflow is defined and UBSan would not check it: index arithmetic must not overflow.
+SANITIZER_COMPILE_FLAGS = ["-fsanitize=address,undefined", "-fno-omit-frame-pointer",
+                           "-fno-sanitize-recover=undefined", "-fno-wrapv", "-O1", "-g1"]
+SANITIZER_LINK_FLAGS = ["-fsanitize=address,undefined"]
 
 
 def _cpu_capabilities():
@@ -158,6 +177,9 @@ def _write_build_config(folder, values):
 
 def _extension():
     with_cuda = _want_cuda()
+    sanitize = _want_sanitizers()
+    if sanitize and with_cuda:
+        sys.exit("PYOPS_SANITIZE=1 instruments the C++-only extension: set PYOPS_CUDA=0 too")
     capabilities = _cpu_capabilities()
     all_cpp = glob.glob(os.path.join(ROOT, "csrc", "**", "*.cpp"), recursive=True)
     kernel_sources = _rel(p for p in all_cpp if p.endswith("_cpu.cpp"))
@@ -169,13 +191,17 @@ def _extension():
 
     cxx = ["-O3", "-fopenmp", "-fvisibility=hidden", "-Wall", "-Wno-unused-function", "-Wno-unknown-pragmas"]
     nvcc = ["-O3", "--expt-relaxed-constexpr", "-lineinfo"]
+    link = ["-fopenmp"]
+    if sanitize:
+        cxx += SANITIZER_COMPILE_FLAGS  # after -O3: the last -O wins
+        link += SANITIZER_LINK_FLAGS
     include_dirs = [os.path.join(ROOT, "csrc")]
     kwargs = dict(
         name="pyops._C",
         sources=sources,
         include_dirs=include_dirs,
         extra_compile_args={"cxx": cxx, "nvcc": nvcc},
-        extra_link_args=["-fopenmp"],
+        extra_link_args=link,
         depends=_rel(glob.glob(os.path.join(ROOT, "csrc", "**", "*.h"), recursive=True)
                      + glob.glob(os.path.join(ROOT, "csrc", "**", "*.cuh"), recursive=True)),
     )

@@ -21,7 +21,8 @@ import sys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STAMP = os.path.join(ROOT, "build", ".pyops-install-stamp")
-BUILD_ENV = ("PYOPS_CUDA", "PYOPS_CPU_CAPABILITIES", "TORCH_CUDA_ARCH_LIST", "CUDA_HOME", "CXX")
+BUILD_ENV = ("PYOPS_CUDA", "PYOPS_CPU_CAPABILITIES", "PYOPS_SANITIZE", "TORCH_CUDA_ARCH_LIST", "CUDA_HOME",
+             "CXX")
 # What each command needs besides torch and pyops: import name -> pip package.
 TOOLS = {
     "test": {"pytest": "pytest", "hypothesis": "hypothesis", "sklearn": "scikit-learn"},

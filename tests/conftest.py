@@ -52,3 +52,21 @@ def pytest_terminal_summary(terminalreporter):
             f"pyops fuzz: {runs['compared'] + runs['raised']} examples run, "
             f"{runs['compared']} compared with torch, {runs['raised']} raised by both "
             f"(PYOPS_FUZZ_EXAMPLES={FUZZ_EXAMPLES} per op)")
+
+
+# ---- Slow tests -------------------------------------------------------------------------
+# Tests marked `slow` (tensors of more than 2**31 elements: minutes and many GiB) run only
+# with --run-slow or PYOPS_RUN_SLOW=1; CI sets the variable.
+
+def pytest_addoption(parser):
+    parser.addoption("--run-slow", action="store_true", default=False,
+                     help="also run the tests marked slow (PYOPS_RUN_SLOW=1 does the same)")
+
+
+def pytest_collection_modifyitems(config, items):
+    if config.getoption("--run-slow") or os.environ.get("PYOPS_RUN_SLOW") == "1":
+        return
+    skip = pytest.mark.skip(reason="slow: run with --run-slow or PYOPS_RUN_SLOW=1")
+    for item in items:
+        if "slow" in item.keywords:
+            item.add_marker(skip)
