@@ -61,52 +61,31 @@ struct TableRows {
   int64_t operator()(int64_t r) const { return offsets[r]; }
 };
 
-// A[kRows x k] @ B[k x tile_cols(Vecs)], A's rows given as pointers (k contiguous). The
-// accumulators are locals: written through a reference they would be stored back to
-// memory on every k, since a float load may alias them.
-template <int Vecs, typename BRows>
-inline Tile<Vecs> multiply_tile(int64_t k, const float* const (&a_row)[kRows], const float* b,
-                                const BRows& b_rows) {
-  Vec acc[kRows][Vecs];
-  for (int i = 0; i < kRows; ++i) {
-    for (int v = 0; v < Vecs; ++v) acc[i][v] = Vec(0.f);
-  }
-  for (int64_t p = 0; p < k; ++p) {
-    const float* b_p = b + b_rows(p);
-    Vec b_row[Vecs];
-    for (int v = 0; v < Vecs; ++v) b_row[v] = Vec::loadu(b_p + v * kVec);
-    for (int i = 0; i < kRows; ++i) {
-      const Vec a_ip(a_row[i][p]);
-      for (int v = 0; v < Vecs; ++v) acc[i][v] = at::vec::fmadd(a_ip, b_row[v], acc[i][v]);
-    }
-  }
-  Tile<Vecs> tile;
-  for (int i = 0; i < kRows; ++i) {
-    for (int v = 0; v < Vecs; ++v) tile.v[i][v] = acc[i][v];
-  }
-  return tile;
-}
-
-// A[kRows x *] @ B[k x tile_cols(Vecs)] where the reduction runs over `runs` of A's columns
-// ([begin, begin + length) each, in order) and over B's rows 0, 1, ... consecutively: a
-// product that skips columns of A (the discarded columns of wide rows) without copying A.
+// The reduction of one register tile runs over `runs` of A's columns ([begin, begin +
+// length) each, in order) and, step by step alongside, over B's rows 0, 1, 2, ...: several
+// runs skip columns of A (the discarded columns of wide rows) without copying A.
 struct Run {
   int64_t begin, length;
 };
 
-template <int Vecs>
-inline Tile<Vecs> multiply_tile_runs(const float* const (&a_row)[kRows], const Run* runs,
-                                     int64_t run_count, const float* b, int64_t ldb) {
+// A[kRows x runs] @ B[steps x tile_cols(Vecs)], A's rows given as pointers (columns
+// contiguous), row q of B at b + b_rows(q). The accumulators are locals: written through a
+// reference they would be stored back to memory on every step, since a float load may
+// alias them.
+template <int Vecs, typename BRows>
+inline Tile<Vecs> multiply_runs(const float* const (&a_row)[kRows], const Run* runs,
+                                int64_t run_count, const float* b, const BRows& b_rows) {
   Vec acc[kRows][Vecs];
   for (int i = 0; i < kRows; ++i) {
     for (int v = 0; v < Vecs; ++v) acc[i][v] = Vec(0.f);
   }
-  const float* b_p = b;
+  int64_t q = 0;
   for (int64_t r = 0; r < run_count; ++r) {
     const int64_t end = runs[r].begin + runs[r].length;
-    for (int64_t p = runs[r].begin; p < end; ++p, b_p += ldb) {
+    for (int64_t p = runs[r].begin; p < end; ++p, ++q) {
+      const float* b_q = b + b_rows(q);
       Vec b_row[Vecs];
-      for (int v = 0; v < Vecs; ++v) b_row[v] = Vec::loadu(b_p + v * kVec);
+      for (int v = 0; v < Vecs; ++v) b_row[v] = Vec::loadu(b_q + v * kVec);
       for (int i = 0; i < kRows; ++i) {
         const Vec a_ip(a_row[i][p]);
         for (int v = 0; v < Vecs; ++v) acc[i][v] = at::vec::fmadd(a_ip, b_row[v], acc[i][v]);
@@ -118,6 +97,14 @@ inline Tile<Vecs> multiply_tile_runs(const float* const (&a_row)[kRows], const R
     for (int v = 0; v < Vecs; ++v) tile.v[i][v] = acc[i][v];
   }
   return tile;
+}
+
+// A[kRows x k] @ B[k x tile_cols(Vecs)]: one run over A's first k columns.
+template <int Vecs, typename BRows>
+inline Tile<Vecs> multiply_tile(int64_t k, const float* const (&a_row)[kRows], const float* b,
+                                const BRows& b_rows) {
+  const Run all{0, k};
+  return multiply_runs<Vecs>(a_row, &all, 1, b, b_rows);
 }
 
 // Writes rows x cols of a tile to dst (row stride ldd), through op(row, vector) if given.
@@ -188,7 +175,7 @@ void gemm_tiles_with(int64_t m, int64_t n, int64_t k, const float* a, const ARow
   }
 }
 
-// gemm_tiles_with over runs of A's columns (multiply_tile_runs); B (one row per reduced
+// gemm_tiles_with over runs of A's columns (multiply_runs); B (one row per reduced
 // column, row stride ldb) must have readable columns up to the next tile width.
 template <int Vecs, typename ARows, typename Store>
 void gemm_tiles_runs_with(int64_t m, int64_t n, const float* a, const ARows& a_rows,
@@ -201,8 +188,8 @@ void gemm_tiles_runs_with(int64_t m, int64_t n, const float* a, const ARows& a_r
       const int rows = static_cast<int>(std::min<int64_t>(kRows, m - row0));
       const float* a_row[kRows];
       for (int i = 0; i < kRows; ++i) a_row[i] = a + a_rows(row0 + std::min(i, rows - 1));
-      store(multiply_tile_runs<Vecs>(a_row, runs, run_count, b + col0, ldb), row0, rows, col0,
-            cols);
+      store(multiply_runs<Vecs>(a_row, runs, run_count, b + col0, StridedRows{ldb}), row0, rows,
+            col0, cols);
     }
   }
 }

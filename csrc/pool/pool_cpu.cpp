@@ -19,6 +19,7 @@
 #include <algorithm>
 #include <atomic>
 #include <type_traits>
+#include <utility>
 #include <vector>
 
 #include "pool/pool.h"
@@ -192,6 +193,21 @@ inline Vectorized<opmath_t<T>> load_lanes(const T* p, const at::vec::int_same_si
     for (int i = 0; i < Vec::size(); ++i) lanes[i] = static_cast<Acc>(p[lane_offsets[i]]);
     return Vec::loadu(lanes);
   }
+}
+
+// Output rows and columns whose pooling window lies wholly in the padding (a window is
+// empty when its row or its column is).
+std::pair<std::vector<char>, std::vector<char>> empty_windows(const Geometry& g) {
+  std::vector<char> rows(g.out_h), cols(g.out_w);
+  for (int64_t oh = 0; oh < g.out_h; ++oh) {
+    const TapRange r = valid_taps(oh, g.stride_h, g.pad_h, g.dilation_h, g.kernel_h, g.in_h);
+    rows[oh] = r.begin >= r.end;
+  }
+  for (int64_t ow = 0; ow < g.out_w; ++ow) {
+    const TapRange r = valid_taps(ow, g.stride_w, g.pad_w, g.dilation_w, g.kernel_w, g.in_w);
+    cols[ow] = r.begin >= r.end;
+  }
+  return {std::move(rows), std::move(cols)};
 }
 
 // NCHW planes whose rows are too short for the row path (fewer than 2 * kLanes interior
@@ -519,15 +535,7 @@ void arg_backward_typed(const Geometry& g, const Tensor& grad_output, const Tens
   };
   // Outputs whose window lies wholly in the padding pass no gradient (window_is_empty),
   // whatever index the forward stored for them.
-  std::vector<char> empty_row(g.out_h), empty_col(g.out_w);
-  for (int64_t oh = 0; oh < g.out_h; ++oh) {
-    const TapRange r = valid_taps(oh, g.stride_h, g.pad_h, g.dilation_h, g.kernel_h, g.in_h);
-    empty_row[oh] = r.begin >= r.end;
-  }
-  for (int64_t ow = 0; ow < g.out_w; ++ow) {
-    const TapRange r = valid_taps(ow, g.stride_w, g.pad_w, g.dilation_w, g.kernel_w, g.in_w);
-    empty_col[ow] = r.begin >= r.end;
-  }
+  const auto [empty_row, empty_col] = empty_windows(g);
   const int64_t in_plane = g.in_h * g.in_w, out_plane = g.out_h * g.out_w;
   if (!g.channels_last) {
     const int64_t grain = std::max<int64_t>(1, kGrainSize / std::max<int64_t>(1, in_plane));
@@ -711,15 +719,7 @@ void avg_backward_typed(const Geometry& g, bool count_include_pad, int64_t divis
   T* gi = grad_input.data_ptr<T>();
   // Outputs whose window lies wholly in the padding pass no gradient (window_is_empty),
   // whatever index the forward stored for them.
-  std::vector<char> empty_row(g.out_h), empty_col(g.out_w);
-  for (int64_t oh = 0; oh < g.out_h; ++oh) {
-    const TapRange r = valid_taps(oh, g.stride_h, g.pad_h, g.dilation_h, g.kernel_h, g.in_h);
-    empty_row[oh] = r.begin >= r.end;
-  }
-  for (int64_t ow = 0; ow < g.out_w; ++ow) {
-    const TapRange r = valid_taps(ow, g.stride_w, g.pad_w, g.dilation_w, g.kernel_w, g.in_w);
-    empty_col[ow] = r.begin >= r.end;
-  }
+  const auto [empty_row, empty_col] = empty_windows(g);
   const int64_t in_plane = g.in_h * g.in_w, out_plane = g.out_h * g.out_w;
   if (!g.channels_last) {
     const int64_t grain = std::max<int64_t>(1, kGrainSize / std::max<int64_t>(1, in_plane));
