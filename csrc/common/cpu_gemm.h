@@ -16,6 +16,7 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <type_traits>
 #include <vector>
 
 #include "common/isa.h"
@@ -194,32 +195,35 @@ void gemm_tiles_runs_with(int64_t m, int64_t n, const float* a, const ARows& a_r
   }
 }
 
-template <typename ARows, typename Store>
-void gemm_tiles_runs(int64_t m, int64_t n, const float* a, const ARows& a_rows, const Run* runs,
-                     int64_t run_count, const float* b, int64_t ldb, const Store& store) {
+// Calls body(std::integral_constant<int, Vecs>) for the register tile width vecs_for(n).
+template <typename Body>
+void with_tile_width(int64_t n, const Body& body) {
   switch (vecs_for(n)) {
     case 1:
-      return gemm_tiles_runs_with<1>(m, n, a, a_rows, runs, run_count, b, ldb, store);
+      return body(std::integral_constant<int, 1>{});
     case 2:
-      return gemm_tiles_runs_with<2>(m, n, a, a_rows, runs, run_count, b, ldb, store);
+      return body(std::integral_constant<int, 2>{});
     default:
-      return gemm_tiles_runs_with<kMaxVecs>(m, n, a, a_rows, runs, run_count, b, ldb, store);
+      return body(std::integral_constant<int, kMaxVecs>{});
   }
 }
 
-// gemm_tiles_with for the register tile width vecs_for(n) picks; `store` is a generic
-// callable taking any Tile<Vecs>.
+// gemm_tiles_runs_with and gemm_tiles_with for the register tile width vecs_for(n) picks;
+// `store` is a generic callable taking any Tile<Vecs>.
+template <typename ARows, typename Store>
+void gemm_tiles_runs(int64_t m, int64_t n, const float* a, const ARows& a_rows, const Run* runs,
+                     int64_t run_count, const float* b, int64_t ldb, const Store& store) {
+  with_tile_width(n, [&](auto vecs) {
+    gemm_tiles_runs_with<decltype(vecs)::value>(m, n, a, a_rows, runs, run_count, b, ldb, store);
+  });
+}
+
 template <typename ARows, typename BRows, typename Store>
 void gemm_tiles(int64_t m, int64_t n, int64_t k, const float* a, const ARows& a_rows,
                 const float* b, const BRows& b_rows, bool b_padded, const Store& store) {
-  switch (vecs_for(n)) {
-    case 1:
-      return gemm_tiles_with<1>(m, n, k, a, a_rows, b, b_rows, b_padded, store);
-    case 2:
-      return gemm_tiles_with<2>(m, n, k, a, a_rows, b, b_rows, b_padded, store);
-    default:
-      return gemm_tiles_with<kMaxVecs>(m, n, k, a, a_rows, b, b_rows, b_padded, store);
-  }
+  with_tile_width(n, [&](auto vecs) {
+    gemm_tiles_with<decltype(vecs)::value>(m, n, k, a, a_rows, b, b_rows, b_padded, store);
+  });
 }
 
 }  // namespace gemm
