@@ -14,6 +14,7 @@
 
 #include "activation/activation.h"
 #include "common/checks.h"
+#include "common/memory.h"
 #include "common/operators.h"
 #include "common/registration.h"
 #include "common/layout.h"
@@ -58,7 +59,7 @@ using torch::autograd::variable_list;
 Tensor forward_impl(Activation act, double slope, const Tensor& self, const char* op) {
   check_floating(self, "input", op);
   Tensor input = dense(self);
-  Tensor output = at::empty_like(input);
+  Tensor output = with_huge_pages(at::empty_like(input));
   if (input.numel() > 0) forward_kernel(input.device().type())(act, slope, input, output);
   return output;
 }
@@ -119,7 +120,7 @@ Tensor backward_impl(Activation act, double slope, const Tensor& grad_output, co
   check_backward_args(grad_output, saved, saved_arg, op);
   Tensor saved_dense = dense(saved);
   Tensor grad = dense_like(grad_output, saved_dense);
-  Tensor grad_input = at::empty_like(saved_dense);
+  Tensor grad_input = with_huge_pages(at::empty_like(saved_dense));
   if (grad_input.numel() > 0) {
     backward_kernel(grad.device().type())(act, slope, grad, saved_dense, grad_input);
   }
@@ -187,7 +188,7 @@ Tensor bias_act_impl(const Tensor& self, const Tensor& bias, c10::string_view ac
   check_bias(self, bias, op);
   const Activation act = parse_activation(activation, op);
   auto [input, layout] = channel_layout(self);
-  Tensor output = at::empty_like(input);
+  Tensor output = with_huge_pages(at::empty_like(input));
   if (output.numel() > 0) {
     bias_forward_kernel(input.device().type())(act, slope, input, bias.contiguous(), output,
                                                layout);
@@ -206,7 +207,7 @@ std::tuple<Tensor, Tensor> bias_act_backward_impl(const Tensor& grad_output, con
   if (act == Activation::LeakyRelu) check_leaky_backward(slope, saved_is_result, op);
   auto [saved_dense, layout] = channel_layout(saved);
   Tensor grad = dense_like(grad_output, saved_dense);
-  Tensor grad_input = at::empty_like(saved_dense);
+  Tensor grad_input = with_huge_pages(at::empty_like(saved_dense));
   Tensor grad_bias = at::empty({bias.size(0)}, bias.options());
   if (grad_input.numel() > 0) {
     bias_backward_kernel(grad.device().type())(act, slope, saved_is_result, grad, saved_dense,

@@ -23,6 +23,7 @@
 #include <vector>
 
 #include "common/checks.h"
+#include "common/memory.h"
 #include "common/operators.h"
 #include "conv/conv.h"
 
@@ -175,7 +176,8 @@ Tensor conv_forward_impl(const Tensor& input, const Tensor& weight, const Option
   const ConvArgs a = parse_args(stride, padding, dilation, groups, op);
   const ConvShape s = conv_shape(input, weight, a, op);
   check_bias_size(bias, s.out_channels, op);
-  Tensor output = at::empty({s.batch, s.out_channels, s.out_h, s.out_w}, input.options());
+  Tensor output = with_huge_pages(
+      at::empty({s.batch, s.out_channels, s.out_h, s.out_w}, input.options()));
   if (output.numel() > 0) {
     forward_kernel(input.device().type())(s, input.contiguous(), weight.contiguous(),
                                           defined_or_empty(bias), act, slope, output);
@@ -220,7 +222,7 @@ std::tuple<OptionalTensor, OptionalTensor, OptionalTensor> conv2d_backward_impl(
   const bool no_terms = grad.numel() == 0;
   OptionalTensor grad_input, grad_weight, grad_bias;
   if (output_mask[0]) {
-    Tensor result = at::empty(input.sizes(), input.options());
+    Tensor result = with_huge_pages(at::empty(input.sizes(), input.options()));
     if (no_terms) {
       result.zero_();
     } else if (result.numel() > 0) {
@@ -287,7 +289,8 @@ Tensor conv_transpose2d_impl(const Tensor& input, const Tensor& weight, const Op
                     input.size(2), input.size(3),  weight.size(2), weight.size(3), a.stride[0],
                     a.stride[1],   a.padding[0],   a.padding[1],  a.dilation[0], a.dilation[1],
                     groups};
-  Tensor output = at::empty({s.batch, out_channels, out[0], out[1]}, input.options());
+  Tensor output =
+      with_huge_pages(at::empty({s.batch, out_channels, out[0], out[1]}, input.options()));
   if (output.numel() > 0) {
     backward_input_kernel(input.device().type())(s, input.contiguous(), weight.contiguous(),
                                                  defined_or_empty(bias), Activation::None, 0.0,

@@ -8,6 +8,7 @@
 #include <torch/library.h>
 
 #include "common/checks.h"
+#include "common/memory.h"
 #include "common/operators.h"
 #include "common/layout.h"
 #include "common/registration.h"
@@ -34,8 +35,9 @@ std::tuple<Tensor, Tensor> dropout_impl(const Tensor& self, double p) {
   check_floating(self, "input", op);
   check_probability(p, op);
   Tensor input = dense(self);
-  Tensor output = at::empty_like(input);
-  Tensor mask = at::empty_like(input, input.options().dtype(at::kBool));
+  Tensor output = with_huge_pages(at::empty_like(input));
+  Tensor mask =
+      with_huge_pages(at::empty_like(input, input.options().dtype(at::kBool)));
   if (input.numel() > 0) forward_kernel(input.device().type())(input, p, output, mask);
   return {output, mask};
 }
@@ -46,7 +48,8 @@ Tensor dropout_inplace_impl(const Tensor& self, double p) {
   check_probability(p, op);
   check_writable(self, "input", op);
   Tensor work = self.is_non_overlapping_and_dense() ? self : self.contiguous();
-  Tensor mask = at::empty_like(work, work.options().dtype(at::kBool));
+  Tensor mask =
+      with_huge_pages(at::empty_like(work, work.options().dtype(at::kBool)));
   if (work.numel() > 0) forward_kernel(work.device().type())(work, p, work, mask);
   if (!work.is_same(self)) self.copy_(work);  // never leave the result in a dropped copy
   return mask;
@@ -63,7 +66,7 @@ Tensor dropout_backward_impl(const Tensor& grad_output, const Tensor& mask, doub
   check_same_shape(mask, "mask", grad_output, "grad_output", op);
   Tensor mask_dense = dense(mask);
   Tensor grad = dense_like(grad_output, mask_dense);
-  Tensor grad_input = at::empty_like(grad);
+  Tensor grad_input = with_huge_pages(at::empty_like(grad));
   if (grad.numel() > 0) backward_kernel(grad.device().type())(grad, mask_dense, p, grad_input);
   return grad_input;
 }

@@ -6,6 +6,7 @@
 #include <ATen/TensorOperators.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <ATen/ops/addmm.h>
+#include <ATen/ops/empty.h>
 #include <ATen/ops/mm.h>
 #include <c10/util/accumulate.h>
 #include <torch/autograd.h>
@@ -13,6 +14,7 @@
 
 #include "activation/activation.h"
 #include "common/checks.h"
+#include "common/memory.h"
 #include "common/operators.h"
 
 namespace pyops::linear {
@@ -74,6 +76,12 @@ bool bias_in_gemm(const Tensor& input) {
   return at::isReducedFloatingType(input.scalar_type());
 }
 
+// x W^T, plus `bias` inside the GEMM when it is defined, into a fresh output.
+Tensor gemm(const Tensor& x, const Tensor& weight, const Tensor& bias) {
+  Tensor y = with_huge_pages(at::empty({x.size(0), weight.size(0)}, x.options()));
+  return bias.defined() ? at::addmm_out(y, bias, x, weight.t()) : at::mm_out(y, x, weight.t());
+}
+
 using LinearActSignature = Tensor(const Tensor&, const Tensor&, const c10::optional<Tensor>&,
                                   c10::string_view, double);
 
@@ -89,13 +97,13 @@ Tensor linear_act_impl(const Tensor& input, const Tensor& weight,
   if (act == Activation::None || bias_in_gemm(input)) {
     // Exactly torch's linear: the bias rides in the GEMM (beta = 1); then the activation
     // in place.
-    y = bias.defined() ? at::addmm(bias, x, weight.t()) : at::mm(x, weight.t());
+    y = gemm(x, weight, bias);
     if (act != Activation::None && y.numel() > 0) {
       activation::forward_kernel(y.device().type())(act, slope, y, y);
     }
   } else {
     // Bias and activation in place on the fresh GEMM output: one pass.
-    y = at::mm(x, weight.t());
+    y = gemm(x, weight, Tensor());
     if (y.numel() > 0) {
       const auto device = y.device().type();
       if (bias.defined()) {

@@ -26,6 +26,7 @@
 #include <vector>
 
 #include "common/checks.h"
+#include "common/memory.h"
 #include "common/operators.h"
 #include "pool/pool.h"
 
@@ -177,7 +178,7 @@ std::pair<Tensor, Geometry> prepare_input(const Tensor& self, const PoolArgs& a,
 }
 
 Tensor empty_output(IntArrayRef sizes, const Geometry& g, const at::TensorOptions& options) {
-  return at::empty(sizes, options.memory_format(memory_format(g)));
+  return with_huge_pages(at::empty(sizes, options.memory_format(memory_format(g))));
 }
 
 ArgReduction parse_reduction(c10::string_view name, const char* op) {
@@ -289,7 +290,8 @@ Tensor max_pool_backward(const Tensor& grad_output, const Tensor& indices, IntAr
   const at::MemoryFormat fmt = memory_format(g);
   Tensor grad = grad_output.contiguous(fmt);
   Tensor index = indices.contiguous(fmt);
-  Tensor grad_input = at::empty(input_size, grad.options().memory_format(fmt));
+  Tensor grad_input =
+      with_huge_pages(at::empty(input_size, grad.options().memory_format(fmt)));
   if (grad_input.numel() > 0) {
     arg_backward_kernel(grad.device().type())(kind, g, grad, index, grad_input);
   }
@@ -326,7 +328,8 @@ Tensor avg_pool_backward(const Tensor& grad_output, IntArrayRef input_size,
   const Geometry g = backward_geometry(grad_output, input_size, a, channels_last, op);
   const at::MemoryFormat fmt = memory_format(g);
   Tensor grad = grad_output.contiguous(fmt);
-  Tensor grad_input = at::empty(input_size, grad.options().memory_format(fmt));
+  Tensor grad_input =
+      with_huge_pages(at::empty(input_size, grad.options().memory_format(fmt)));
   if (grad_input.numel() > 0) {
     avg_backward_kernel(grad.device().type())(g, count_include_pad, divisor_override.value_or(0),
                                               grad, grad_input);

@@ -20,6 +20,7 @@
 #include <algorithm>
 
 #include "common/checks.h"
+#include "common/memory.h"
 #include "common/operators.h"
 #include "common/registration.h"
 #include "softmax/softmax.h"
@@ -58,7 +59,7 @@ Tensor log_softmax_impl(const Tensor& self, int64_t dim) {
   check_floating(self, "input", op);
   dim = wrap_dim(dim, self, "input", op);
   Tensor input = self.contiguous();
-  Tensor output = at::empty_like(input, at::MemoryFormat::Contiguous);
+  Tensor output = with_huge_pages(at::empty_like(input, at::MemoryFormat::Contiguous));
   if (input.numel() > 0) {
     log_softmax_kernel(input.device().type())(input, output, row_layout(input, dim));
   }
@@ -75,7 +76,7 @@ Tensor log_softmax_backward_impl(const Tensor& grad_output, const Tensor& output
   dim = wrap_dim(dim, output, "output", op);
   Tensor grad = grad_output.contiguous();
   Tensor out = output.contiguous();
-  Tensor grad_input = at::empty_like(out, at::MemoryFormat::Contiguous);
+  Tensor grad_input = with_huge_pages(at::empty_like(out, at::MemoryFormat::Contiguous));
   if (out.numel() > 0) {
     log_softmax_backward_kernel(out.device().type())(grad, out, grad_input, row_layout(out, dim));
   }
@@ -162,7 +163,7 @@ Tensor nll_backward_impl(const Tensor& grad_loss, const Tensor& self, const Tens
   // With every row ignored the mean is NaN, but no row has a gradient (as in torch).
   if (reduction == Reduction::Mean) upstream = upstream / valid.sum().clamp_min(1);
   Tensor row_weight = (upstream * valid).contiguous();
-  Tensor grad_input = at::empty_like(input, at::MemoryFormat::Contiguous);
+  Tensor grad_input = with_huge_pages(at::empty_like(input, at::MemoryFormat::Contiguous));
   if (input.numel() > 0) {
     nll_backward_kernel(input.device().type())(input, target, lse.contiguous(), row_weight,
                                                grad_input);

@@ -1,0 +1,97 @@
+"""Fresh CPU outputs of 4 MB or more are advised to the kernel as huge-page memory
+(csrc/common/memory.h): the flag must reach the output's memory mapping, stay off below
+the threshold and with PYOPS_HUGE_PAGES=0, and never change a value.
+
+The mapping's flags come from /proc/self/smaps, where MADV_HUGEPAGE shows as "hg".
+"""
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import pyops.functional as P
+
+THP_MODE_FILE = "/sys/kernel/mm/transparent_hugepage/enabled"
+HUGE_PAGE = 2 << 20
+
+pytestmark = pytest.mark.skipif(
+    not sys.platform.startswith("linux") or not os.path.exists(THP_MODE_FILE),
+    reason="huge-page advice is Linux-only (no /sys/kernel/mm/transparent_hugepage)",
+)
+
+
+def _vm_flags(address):
+    """The VmFlags of the mapping holding `address` in this process."""
+    start = end = None
+    with open("/proc/self/smaps") as smaps:
+        for line in smaps:
+            head = line.split()[0]
+            if "-" in head and ":" not in head:
+                lo, hi = (int(part, 16) for part in head.split("-"))
+                start, end = lo, hi
+            elif head == "VmFlags:" and start <= address < end:
+                return line.split()[1:]
+    raise AssertionError(f"no mapping holds address {address:#x}")
+
+
+def _interior(t):
+    """An address inside the 2 MB-aligned interior of `t`'s memory."""
+    first = (t.data_ptr() + HUGE_PAGE - 1) // HUGE_PAGE * HUGE_PAGE
+    assert first + HUGE_PAGE <= t.data_ptr() + t.nbytes, "tensor too small for the test"
+    return first
+
+
+LARGE = 4 << 20  # elements: 16 MB of float32
+OUTPUTS = {
+    "relu": lambda x: P.relu(x),
+    "dropout": lambda x: P.dropout(x, 0.5, training=True),
+    "log_softmax": lambda x: P.log_softmax(x.view(1024, -1), dim=1),
+    "max_pool2d": lambda x: P.max_pool2d(x.view(16, 16, 128, 128), 1),
+}
+
+
+@pytest.mark.parametrize("name", sorted(OUTPUTS))
+def test_large_outputs_are_advised_huge_pages(name):
+    x = torch.randn(LARGE)
+    out = OUTPUTS[name](x)
+    assert "hg" in _vm_flags(_interior(out))
+
+
+def test_backward_outputs_are_advised_huge_pages():
+    x = torch.randn(LARGE, requires_grad=True)
+    (grad_input,) = torch.autograd.grad(P.sigmoid(x), x, torch.ones(LARGE))
+    assert "hg" in _vm_flags(_interior(grad_input))
+
+
+def test_linear_output_is_advised_huge_pages():
+    x, w, b = torch.randn(2048, 64), torch.randn(1024, 64), torch.randn(1024)
+    out = P.linear(x, w, b)
+    torch.testing.assert_close(out, F.linear(x, w, b))
+    assert "hg" in _vm_flags(_interior(out))
+
+
+def test_values_match_native():
+    x = torch.randn(LARGE)
+    torch.testing.assert_close(P.sigmoid(x), torch.sigmoid(x), rtol=0, atol=0)
+    torch.testing.assert_close(P.relu(x), torch.relu(x), rtol=0, atol=0)
+
+
+def test_off_with_environment_variable():
+    # A fresh process: the switch is read once per process.
+    code = (
+        "import sys, torch, pyops.functional as P\n"
+        "sys.path.insert(0, 'tests')\n"
+        "from test_memory import _vm_flags, _interior\n"
+        "out = P.relu(torch.randn(4 << 20))\n"
+        "print('hg' in _vm_flags(_interior(out)))\n"
+    )
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ, PYOPS_HUGE_PAGES="0")
+    result = subprocess.run(
+        [sys.executable, "-c", code], cwd=root, env=env, capture_output=True, text=True, check=True
+    )
+    assert result.stdout.strip() == "False"
