@@ -455,3 +455,18 @@ def test_backward_is_deterministic(device):
         for fn in (lambda t: F.max_pool2d(t, 3, 1, 1), lambda t: F.avg_pool2d(t, 3, 1, 1)):
             grads.append(torch.autograd.grad(fn(x).sum(), x)[0])
     assert torch.equal(grads[0], grads[2]) and torch.equal(grads[1], grads[3])
+
+
+def test_backward_op_rejects_offsets_naming_padding_taps():
+    # Window (0, 0) of a 3x3, stride 2, padding 1 pool covers padding at taps 0-3 and 6: an
+    # offset naming one must raise, not pass a gradient to nowhere (both layouts: NCHW
+    # scatters, channels-last gathers).
+    grad = torch.randn(1, 16, 2, 2)
+    offsets = torch.full((1, 16, 2, 2), 4, dtype=torch.uint8)
+    offsets[0, 3, 0, 0] = 0
+    for channels_last in (False, True):
+        fmt = torch.channels_last if channels_last else torch.contiguous_format
+        with pytest.raises(RuntimeError, match="outside the input plane"):
+            torch.ops.pyops._max_pool2d_backward(
+                grad.contiguous(memory_format=fmt), offsets.contiguous(memory_format=fmt),
+                [1, 16, 4, 4], [3], [2], [1], [1], False, channels_last)

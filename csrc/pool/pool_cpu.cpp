@@ -6,8 +6,9 @@
 // are `stride` elements apart: one load for stride 1, two and a deinterleave for
 // stride 2, a gather otherwise); the edge outputs take the scalar path.
 // Channels-last: parallel over output pixels; SIMD across channels.
-// Backward: zero-filled grad_input, then a scatter per plane (NCHW) or per sample and
-// block of channels (channels-last): one task owns every element it writes.
+// Backward: windows that tile the input write each grad_input element once; otherwise a
+// scatter into a zero-filled plane (NCHW) or a gather across channels (channels-last).
+// One task owns every element it writes.
 
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
@@ -17,6 +18,7 @@
 #include <ATen/cpu/vec/vec.h>
 
 #include <algorithm>
+#include <array>
 #include <atomic>
 #include <type_traits>
 #include <utility>
@@ -387,28 +389,42 @@ void arg_forward_channels_last(const Geometry& g, const T* input, T* output,
       const T* base = input + ((n * g.in_h + ih0) * g.in_w + iw0) * C;
       T* out = output + pixel * C;
       auto* index = K == IndexKind::None ? nullptr : indices + pixel * C;
-      int64_t c = 0;
-      for (; c + kLanes <= C; c += kLanes) {
-        Vec best(Reduce::identity());
-        Vec offsets(static_cast<Acc>(hr.begin * g.kernel_w + wr.begin));
+      // kBlock channel vectors at once: independent compare-and-select chains, so the
+      // window's taps run at throughput rather than at the latency of one chain.
+      auto reduce_block = [&](int64_t c, auto block) {
+        constexpr int64_t kBlock = decltype(block)::value;
+        std::array<Vec, kBlock> best, offsets;
+        best.fill(Vec(Reduce::identity()));
+        offsets.fill(Vec(static_cast<Acc>(hr.begin * g.kernel_w + wr.begin)));
         for (int64_t kh = hr.begin; kh < hr.end; ++kh) {
           const T* tap_row = base + kh * g.dilation_h * g.in_w * C + c;
           for (int64_t kw = wr.begin; kw < wr.end; ++kw) {
-            const Vec v = load_acc(tap_row + kw * g.dilation_w * C);
-            const auto replaces = Reduce::replaces(v, best);
-            best = math::where(replaces, v, best);
-            if constexpr (K != IndexKind::None) {
-              offsets = math::where(replaces, Vec(static_cast<Acc>(kh * g.kernel_w + kw)),
-                                    offsets);
+            const T* tap = tap_row + kw * g.dilation_w * C;
+            const Vec tap_offset(static_cast<Acc>(kh * g.kernel_w + kw));
+            for (int64_t b = 0; b < kBlock; ++b) {
+              const Vec v = load_acc(tap + b * kLanes);
+              const auto replaces = Reduce::replaces(v, best[b]);
+              best[b] = math::where(replaces, v, best[b]);
+              if constexpr (K != IndexKind::None) {
+                offsets[b] = math::where(replaces, tap_offset, offsets[b]);
+              }
             }
           }
         }
-        const Vec result = window_is_empty(hr, wr) ? best : Reduce::finalize(best);
-        store_acc(out + c, result);
-        if constexpr (K != IndexKind::None) {
-          store_lane_indices<K, Reduce>(g, offsets, result, ih0, iw0, 0, index + c, 1);
+        for (int64_t b = 0; b < kBlock; ++b) {
+          const Vec result = window_is_empty(hr, wr) ? best[b] : Reduce::finalize(best[b]);
+          store_acc(out + c + b * kLanes, result);
+          if constexpr (K != IndexKind::None) {
+            store_lane_indices<K, Reduce>(g, offsets[b], result, ih0, iw0, 0,
+                                          index + c + b * kLanes, 1);
+          }
         }
+      };
+      int64_t c = 0;
+      for (; c + 4 * kLanes <= C; c += 4 * kLanes) {
+        reduce_block(c, std::integral_constant<int64_t, 4>{});
       }
+      for (; c + kLanes <= C; c += kLanes) reduce_block(c, std::integral_constant<int64_t, 1>{});
       for (; c < C; ++c) {
         arg_window_scalar<K, Reduce>(g, base + c, C, g.in_w * C, hr, wr, ih0, iw0, out + c,
                                      index ? index + c : nullptr);
@@ -453,6 +469,179 @@ void arg_forward(ArgReduction reduction, IndexKind kind, const Geometry& g, cons
 }
 
 // ---- Max / min backward -------------------------------------------------------------------
+
+// ---- Windows that tile the input ----------------------------------------------------------
+// No padding, no dilation, stride == kernel (the usual kernel-2 pooling): every input
+// element lies in at most one window, so the backward writes each grad_input element once,
+// from its window's gradient or 0, instead of zero-filling grad_input and scattering into
+// it (one pass over grad_input, no read-modify-write). The values are the scatter's: a sum
+// of one term. `+ Acc(0)` turns a -0 gradient into the scatter's 0 + -0 = +0.
+
+bool windows_tile(const Geometry& g) {
+  return g.pad_h == 0 && g.pad_w == 0 && g.dilation_h == 1 && g.dilation_w == 1 &&
+         g.stride_h == g.kernel_h && g.stride_w == g.kernel_w;
+}
+
+// Writes the grad_input rows of one row of windows: `count` windows from column 0, with
+// the NCHW row pitch `in_w`. `share(ow, kh, kw)` is what input (kh, kw) of window ow gets.
+// Input columns past the last window get 0. `rows` input rows are written (the last row of
+// windows can be cut by the input's edge in ceil_mode).
+template <typename T, typename Share>
+inline void write_window_rows_scalar(const Geometry& g, T* gi_rows, int64_t rows,
+                                     const Share& share) {
+  for (int64_t kh = 0; kh < rows; ++kh) {
+    T* gi_row = gi_rows + kh * g.in_w;
+    for (int64_t ow = 0; ow < g.out_w; ++ow) {
+      const int64_t iw0 = ow * g.kernel_w;
+      const int64_t taps = std::min(g.kernel_w, g.in_w - iw0);
+      for (int64_t kw = 0; kw < taps; ++kw) gi_row[iw0 + kw] = static_cast<T>(share(ow, kh, kw));
+    }
+    std::fill(gi_row + std::min(g.in_w, g.out_w * g.kernel_w), gi_row + g.in_w, T(0));
+  }
+}
+
+// kLanes windows of width 2 starting at output column `ow` (`lanes` of them valid): their
+// two taps per lane, interleaved into 2 * lanes consecutive grad_input elements.
+template <typename T>
+inline void store_pairs(T* gi_row, int64_t ow, int64_t lanes, const Vectorized<float>& left,
+                        const Vectorized<float>& right) {
+  constexpr int64_t kLanes = Vectorized<float>::size();
+  const auto [low, high] = at::vec::interleave2(left, right);
+  T* p = gi_row + 2 * ow;
+  if (lanes == kLanes) {
+    low.store(p);
+    high.store(p + kLanes);
+  } else if (2 * lanes <= kLanes) {
+    low.store(p, 2 * lanes);
+  } else {
+    low.store(p);
+    high.store(p + kLanes, 2 * lanes - kLanes);
+  }
+}
+
+// Parallel over planes (NCHW), calling rows_of(plane, oh, gi_rows, rows) for each row of
+// windows; input rows below the last row of windows get 0.
+template <typename T, typename RowsOf>
+void for_each_window_row_nchw(const Geometry& g, T* gi, const RowsOf& rows_of) {
+  const int64_t in_plane = g.in_h * g.in_w;
+  const int64_t grain = std::max<int64_t>(1, kGrainSize / std::max<int64_t>(1, in_plane));
+  at::parallel_for(0, g.batch * g.channels, grain, [&](int64_t begin, int64_t end) {
+    for (int64_t plane = begin; plane < end; ++plane) {
+      T* gi_plane = gi + plane * in_plane;
+      for (int64_t oh = 0; oh < g.out_h; ++oh) {
+        const int64_t ih0 = oh * g.kernel_h;
+        rows_of(plane, oh, gi_plane + ih0 * g.in_w, std::min(g.kernel_h, g.in_h - ih0));
+      }
+      const int64_t covered = std::min(g.in_h, g.out_h * g.kernel_h);
+      std::fill(gi_plane + covered * g.in_w, gi_plane + in_plane, T(0));
+    }
+  });
+}
+
+// Channels-last: parallel over (sample, row of windows); pixel(n, oh, ow, kh, kw, gi_pixel)
+// writes the C channels of input pixel (kh, kw) of window (oh, ow). Input pixels no window
+// covers get 0.
+template <typename T, typename Pixel>
+void for_each_window_pixel_channels_last(const Geometry& g, T* gi, const Pixel& pixel) {
+  const int64_t C = g.channels;
+  const int64_t row_elements = g.kernel_h * g.in_w * C;
+  const int64_t grain = std::max<int64_t>(1, kGrainSize / std::max<int64_t>(1, row_elements));
+  at::parallel_for(0, g.batch * g.out_h, grain, [&](int64_t begin, int64_t end) {
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t n = task / g.out_h, oh = task % g.out_h;
+      T* gi_sample = gi + n * g.in_h * g.in_w * C;
+      const int64_t ih0 = oh * g.kernel_h;
+      const int64_t rows = std::min(g.kernel_h, g.in_h - ih0);
+      const int64_t covered_w = std::min(g.in_w, g.out_w * g.kernel_w);
+      for (int64_t kh = 0; kh < rows; ++kh) {
+        T* gi_row = gi_sample + (ih0 + kh) * g.in_w * C;
+        for (int64_t ow = 0; ow < g.out_w; ++ow) {
+          const int64_t iw0 = ow * g.kernel_w;
+          const int64_t taps = std::min(g.kernel_w, g.in_w - iw0);
+          for (int64_t kw = 0; kw < taps; ++kw) {
+            pixel(n, oh, ow, kh, kw, gi_row + (iw0 + kw) * C);
+          }
+        }
+        std::fill(gi_row + covered_w * C, gi_row + g.in_w * C, T(0));
+      }
+      if (oh == g.out_h - 1) {  // rows below the last row of windows
+        const int64_t covered_h = std::min(g.in_h, g.out_h * g.kernel_h);
+        std::fill(gi_sample + covered_h * g.in_w * C, gi_sample + g.in_h * g.in_w * C, T(0));
+      }
+    }
+  });
+}
+
+// Tap offsets (uint8 or int32) of kLanes consecutive outputs as Acc lanes (`count` < kLanes:
+// the first `count` lanes hold offsets, the others anything). One vector conversion for
+// float lanes; a scalar staging otherwise.
+template <typename Acc, typename Index>
+inline Vectorized<Acc> load_offsets(const Index* p, int64_t count = Vectorized<Acc>::size()) {
+  if constexpr (std::is_same_v<Acc, float>) {
+    return at::vec::convert<float>(Vectorized<Index>::loadu(p, count));
+  } else {
+    alignas(64) Acc lanes[Vectorized<Acc>::size()] = {};
+    for (int64_t i = 0; i < count; ++i) lanes[i] = static_cast<Acc>(p[i]);
+    return Vectorized<Acc>::loadu(lanes);
+  }
+}
+
+template <IndexKind K, typename T>
+void arg_backward_tiled(const Geometry& g, const T* go, const typename IndexType<K>::type* idx,
+                        T* gi) {
+  using Acc = opmath_t<T>;
+  using Index = typename IndexType<K>::type;
+  const int64_t C = g.channels;
+  if (!g.channels_last) {
+    for_each_window_row_nchw(g, gi, [&](int64_t plane, int64_t oh, T* gi_rows, int64_t rows) {
+      const T* go_row = go + (plane * g.out_h + oh) * g.out_w;
+      const Index* idx_row = idx + (plane * g.out_h + oh) * g.out_w;
+      if constexpr (std::is_same_v<T, float>) {
+        if (g.kernel_w == 2 && g.in_w >= 2 * g.out_w) {
+          using Vec = Vectorized<float>;
+          constexpr int64_t kLanes = Vec::size();
+          for (int64_t kh = 0; kh < rows; ++kh) {
+            T* gi_row = gi_rows + kh * g.in_w;
+            const Vec left_tap(static_cast<float>(kh * 2)), right_tap(static_cast<float>(kh * 2 + 1));
+            for (int64_t ow = 0; ow < g.out_w; ow += kLanes) {
+              const int64_t lanes = std::min(kLanes, g.out_w - ow);
+              const Vec grad = Vec::loadu(go_row + ow, lanes) + Vec(0.f);
+              const Vec offset = load_offsets<float>(idx_row + ow, lanes);
+              store_pairs(gi_row, ow, lanes, Vec::blendv(Vec(0.f), grad, offset == left_tap),
+                          Vec::blendv(Vec(0.f), grad, offset == right_tap));
+            }
+            std::fill(gi_row + 2 * g.out_w, gi_row + g.in_w, 0.f);
+          }
+          return;
+        }
+      }
+      write_window_rows_scalar(g, gi_rows, rows, [&](int64_t ow, int64_t kh, int64_t kw) {
+        return static_cast<int64_t>(idx_row[ow]) == kh * g.kernel_w + kw
+                   ? static_cast<Acc>(go_row[ow]) + Acc(0)
+                   : Acc(0);
+      });
+    });
+    return;
+  }
+  for_each_window_pixel_channels_last(
+      g, gi, [&](int64_t n, int64_t oh, int64_t ow, int64_t kh, int64_t kw, T* gi_pixel) {
+        const int64_t o = ((n * g.out_h + oh) * g.out_w + ow) * C;
+        const Index tap = static_cast<Index>(kh * g.kernel_w + kw);
+        using Vec = Vectorized<Acc>;
+        constexpr int64_t kLanes = Vec::size();
+        const Vec tap_lanes(static_cast<Acc>(tap));
+        int64_t c = 0;
+        for (; c + kLanes <= C; c += kLanes) {  // branch-free: taps win at random
+          const Vec grad = load_acc(go + o + c) + Vec(Acc(0));
+          store_acc(gi_pixel + c,
+                    Vec::blendv(Vec(Acc(0)), grad, load_offsets<Acc>(idx + o + c) == tap_lanes));
+        }
+        for (; c < C; ++c) {
+          gi_pixel[c] = idx[o + c] == tap ? static_cast<T>(static_cast<Acc>(go[o + c]) + Acc(0))
+                                          : T(0);
+        }
+      });
+}
 
 inline void check_position(const Geometry& g, int64_t position) {
   TORCH_CHECK(position >= 0 && position < g.in_h * g.in_w,
@@ -508,6 +697,112 @@ void scatter_channels_last(const Geometry& g, T* gi, const Scatter& scatter) {
   });
 }
 
+// ---- Channels-last backward of overlapping windows: a gather ----------------------------
+// Each input pixel sums, kLanes channels at a time, the gradients of the windows that hold
+// it, in output order (the scatter's order: the same bits), and is written once: no zero
+// fill and no read-modify-write. Vectorized across channels, this beats the scatter; the
+// NCHW gather (indexed loads per element) does not, so NCHW keeps the scatter.
+
+// (window, tap) pairs along one dimension: the outputs whose window holds input index i,
+// in increasing order, with the tap of each that lands on i.
+struct WindowTap {
+  int64_t window, tap;
+};
+
+std::vector<std::vector<WindowTap>> windows_holding(int64_t in_size, int64_t out_size,
+                                                    int64_t stride, int64_t pad,
+                                                    int64_t dilation, int64_t kernel) {
+  std::vector<std::vector<WindowTap>> holding(in_size);
+  for (int64_t o = 0; o < out_size; ++o) {
+    const TapRange taps = valid_taps(o, stride, pad, dilation, kernel, in_size);
+    for (int64_t t = taps.begin; t < taps.end; ++t) {
+      holding[o * stride - pad + t * dilation].push_back({o, t});
+    }
+  }
+  return holding;
+}
+
+// Parallel over (sample, input row); `pixel(n, ih, iw, rows, cols, gi_pixel)` writes the C
+// channels of one input pixel from the windows rows x cols that hold it.
+template <typename T, typename Pixel>
+void gather_channels_last(const Geometry& g, T* gi, const Pixel& pixel) {
+  const auto rows = windows_holding(g.in_h, g.out_h, g.stride_h, g.pad_h, g.dilation_h, g.kernel_h);
+  const auto cols = windows_holding(g.in_w, g.out_w, g.stride_w, g.pad_w, g.dilation_w, g.kernel_w);
+  const int64_t C = g.channels;
+  const int64_t grain = std::max<int64_t>(1, kGrainSize / std::max<int64_t>(1, g.in_w * C));
+  at::parallel_for(0, g.batch * g.in_h, grain, [&](int64_t begin, int64_t end) {
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t n = task / g.in_h, ih = task % g.in_h;
+      T* gi_row = gi + task * g.in_w * C;
+      for (int64_t iw = 0; iw < g.in_w; ++iw) pixel(n, rows[ih], cols[iw], gi_row + iw * C);
+    }
+  });
+}
+
+// The offsets of windows cut by the input's edge may name a tap in the padding, which the
+// gather would silently drop: raise as the scatter does. (Offsets >= the tap count are
+// caught by check_offsets; a whole window's taps are all valid.)
+template <typename Index>
+void check_edge_offsets_channels_last(const Geometry& g, const Index* idx) {
+  for (int64_t oh = 0; oh < g.out_h; ++oh) {
+    const TapRange hr = valid_taps(oh, g.stride_h, g.pad_h, g.dilation_h, g.kernel_h, g.in_h);
+    for (int64_t ow = 0; ow < g.out_w; ++ow) {
+      const TapRange wr = valid_taps(ow, g.stride_w, g.pad_w, g.dilation_w, g.kernel_w, g.in_w);
+      const bool whole = hr.begin == 0 && hr.end == g.kernel_h && wr.begin == 0 && wr.end == g.kernel_w;
+      if (whole || window_is_empty(hr, wr)) continue;  // an empty window passes nothing
+      for (int64_t n = 0; n < g.batch; ++n) {
+        const Index* p = idx + ((n * g.out_h + oh) * g.out_w + ow) * g.channels;
+        for (int64_t c = 0; c < g.channels; ++c) {
+          if (p[c] == kNoTap<Index>) continue;
+          const int64_t kh = static_cast<int64_t>(p[c]) / g.kernel_w;
+          const int64_t kw = static_cast<int64_t>(p[c]) % g.kernel_w;
+          TORCH_CHECK(kh >= hr.begin && kh < hr.end && kw >= wr.begin && kw < wr.end,
+                      "pyops._max_pool2d_backward: index ", static_cast<int64_t>(p[c]),
+                      " names a tap outside the input plane of ", g.in_h, "x", g.in_w);
+        }
+      }
+    }
+  }
+}
+
+template <IndexKind K, typename T>
+void arg_backward_gather_channels_last(const Geometry& g, const T* go,
+                                       const typename IndexType<K>::type* idx, T* gi) {
+  using Acc = opmath_t<T>;
+  using Vec = Vectorized<Acc>;
+  constexpr int64_t kLanes = Vec::size();
+  check_edge_offsets_channels_last(g, idx);
+  const int64_t C = g.channels;
+  gather_channels_last(g, gi, [&](int64_t n, const std::vector<WindowTap>& rows,
+                                  const std::vector<WindowTap>& cols, T* gi_pixel) {
+    int64_t c = 0;
+    for (; c + kLanes <= C; c += kLanes) {
+      Vec sum(Acc(0));
+      for (const WindowTap& r : rows) {
+        for (const WindowTap& w : cols) {
+          const int64_t o = ((n * g.out_h + r.window) * g.out_w + w.window) * C + c;
+          const Vec hit =
+              load_offsets<Acc>(idx + o) == Vec(static_cast<Acc>(r.tap * g.kernel_w + w.tap));
+          sum = sum + (load_acc(go + o) & hit);
+        }
+      }
+      store_acc(gi_pixel + c, sum);
+    }
+    for (; c < C; ++c) {
+      Acc sum(0);
+      for (const WindowTap& r : rows) {
+        for (const WindowTap& w : cols) {
+          const int64_t o = ((n * g.out_h + r.window) * g.out_w + w.window) * C + c;
+          if (static_cast<int64_t>(idx[o]) == r.tap * g.kernel_w + w.tap) {
+            sum += static_cast<Acc>(go[o]);
+          }
+        }
+      }
+      gi_pixel[c] = static_cast<T>(sum);
+    }
+  });
+}
+
 template <IndexKind K, typename T>
 void arg_backward_typed(const Geometry& g, const Tensor& grad_output, const Tensor& indices,
                         const Tensor& grad_input) {
@@ -516,7 +811,12 @@ void arg_backward_typed(const Geometry& g, const Tensor& grad_output, const Tens
   const T* go = grad_output.const_data_ptr<T>();
   const Index* idx = indices.const_data_ptr<Index>();
   T* gi = grad_input.data_ptr<T>();
-  if constexpr (K != IndexKind::Flat64) check_offsets(g, idx, indices.numel());
+  if constexpr (K != IndexKind::Flat64) {
+    check_offsets(g, idx, indices.numel());
+    // (torch's int64 indices may name any input element: they keep the checked scatter.)
+    if (windows_tile(g)) return arg_backward_tiled<K>(g, go, idx, gi);
+    if (g.channels_last) return arg_backward_gather_channels_last<K>(g, go, idx, gi);
+  }
   // Position of each tap relative to its window's first (possibly padded) input.
   std::vector<int64_t> tap_delta(g.kernel_h * g.kernel_w);
   for (int64_t kh = 0; kh < g.kernel_h; ++kh) {
@@ -566,6 +866,7 @@ void arg_backward_typed(const Geometry& g, const Tensor& grad_output, const Tens
     });
     return;
   }
+  // torch's int64 indices (offsets took the gather above).
   const int64_t C = g.channels;
   scatter_channels_last(g, gi, [&](int64_t n, int64_t c0, int64_t c1, T* gi_sample) {
     for (int64_t oh = 0; oh < g.out_h; ++oh) {
@@ -606,6 +907,59 @@ void arg_backward(IndexKind kind, const Geometry& g, const Tensor& grad_output,
 
 // ---- Average pooling -----------------------------------------------------------------------
 
+// NCHW planes whose rows are too short for the row path (as arg_forward_nchw_gather):
+// windows wholly inside the input, kLanes at a time across rows, taps read by gather; they
+// all share the divisor kernel_h * kernel_w (or the override). The others are scalar.
+template <typename T, typename Scalar>
+void avg_forward_nchw_gather(const Geometry& g, int64_t divisor_override, const T* input,
+                             T* output, const Scalar& scalar) {
+  using Acc = opmath_t<T>;
+  using Vec = Vectorized<Acc>;
+  using Lane = at::vec::int_same_size_t<Acc>;
+  using Reduce = AvgReduce<Acc>;
+  constexpr int64_t kLanes = Vec::size();
+  const int64_t in_plane = g.in_h * g.in_w, out_plane = g.out_h * g.out_w;
+  const TapRange rows = interior_outputs(g.out_h, g.stride_h, g.pad_h, 1, g.kernel_h, g.in_h);
+  const TapRange cols = interior_outputs(g.out_w, g.stride_w, g.pad_w, 1, g.kernel_w, g.in_w);
+  std::vector<int64_t> inner_out, edge_out;
+  std::vector<Lane> inner_in;
+  for (int64_t oh = 0; oh < g.out_h; ++oh) {
+    for (int64_t ow = 0; ow < g.out_w; ++ow) {
+      if (oh >= rows.begin && oh < rows.end && ow >= cols.begin && ow < cols.end) {
+        inner_out.push_back(oh * g.out_w + ow);
+        inner_in.push_back(static_cast<Lane>((oh * g.stride_h - g.pad_h) * g.in_w +
+                                             ow * g.stride_w - g.pad_w));
+      } else {
+        edge_out.push_back(oh * g.out_w + ow);
+      }
+    }
+  }
+  const Acc divisor = static_cast<Acc>(divisor_override != 0 ? divisor_override
+                                                             : g.kernel_h * g.kernel_w);
+  const int64_t inner = static_cast<int64_t>(inner_out.size());
+  const int64_t grain = std::max<int64_t>(1, kGrainSize / std::max<int64_t>(1, in_plane));
+  at::parallel_for(0, g.batch * g.channels, grain, [&](int64_t begin, int64_t end) {
+    for (int64_t plane = begin; plane < end; ++plane) {
+      const T* in = input + plane * in_plane;
+      T* out = output + plane * out_plane;
+      int64_t i = 0;
+      for (; i + kLanes <= inner; i += kLanes) {
+        Vec sum(Acc(0));
+        for (int64_t kh = 0; kh < g.kernel_h; ++kh) {
+          for (int64_t kw = 0; kw < g.kernel_w; ++kw) {
+            sum = Reduce::accumulate(sum, load_lanes(in + kh * g.in_w + kw, inner_in.data() + i));
+          }
+        }
+        alignas(64) T stored[kLanes];
+        store_acc(stored, Reduce::finalize(sum, divisor));
+        for (int64_t lane = 0; lane < kLanes; ++lane) out[inner_out[i + lane]] = stored[lane];
+      }
+      for (; i < inner; ++i) scalar(in, inner_out[i], out);
+      for (int64_t o : edge_out) scalar(in, o, out);
+    }
+  });
+}
+
 template <typename T>
 void avg_forward_typed(const Geometry& g, bool count_include_pad, int64_t divisor_override,
                        const Tensor& input, const Tensor& output) {
@@ -633,6 +987,18 @@ void avg_forward_typed(const Geometry& g, bool count_include_pad, int64_t diviso
   };
   if (!g.channels_last) {
     const TapRange interior = interior_outputs(g.out_w, g.stride_w, g.pad_w, 1, g.kernel_w, g.in_w);
+    // Lane offsets of the gather path are int32 for float: planes must fit.
+    if (interior.end - interior.begin < 2 * kLanes && g.in_h * g.in_w < (int64_t{1} << 31)) {
+      avg_forward_nchw_gather(g, divisor_override, in_data, out_data,
+                              [&](const T* in, int64_t o, T* out) {
+                                const int64_t oh = o / g.out_w, ow = o % g.out_w;
+                                scalar(in, 1, g.in_w,
+                                       avg_span(oh, g.stride_h, g.pad_h, g.kernel_h, g.in_h),
+                                       avg_span(ow, g.stride_w, g.pad_w, g.kernel_w, g.in_w),
+                                       out + o);
+                              });
+      return;
+    }
     const int64_t grain = std::max<int64_t>(1, kGrainSize / std::max<int64_t>(1, in_plane));
     at::parallel_for(0, g.batch * g.channels, grain, [&](int64_t begin, int64_t end) {
       for (int64_t plane = begin; plane < end; ++plane) {
@@ -708,83 +1074,158 @@ void avg_forward(const Geometry& g, bool count_include_pad, int64_t divisor_over
   });
 }
 
+// Windows that tile the input (windows_tile): each grad_input element is its window's
+// grad_output / divisor, written once; the divisor of a window cut by the input's edge
+// (ceil_mode) counts the taps inside.
+template <typename T>
+void avg_backward_tiled(const Geometry& g, int64_t divisor_override, const T* go, T* gi) {
+  using Acc = opmath_t<T>;
+  using Vec = Vectorized<Acc>;
+  constexpr int64_t kLanes = Vec::size();
+  // With no padding, count_include_pad does not change a divisor.
+  std::vector<Acc> col_taps(g.out_w);
+  for (int64_t ow = 0; ow < g.out_w; ++ow) {
+    col_taps[ow] = static_cast<Acc>(std::min(g.kernel_w, g.in_w - ow * g.kernel_w));
+  }
+  auto divisor = [&](int64_t oh, int64_t ow) -> Acc {
+    if (divisor_override != 0) return static_cast<Acc>(divisor_override);
+    return static_cast<Acc>(std::min(g.kernel_h, g.in_h - oh * g.kernel_h)) * col_taps[ow];
+  };
+  const int64_t C = g.channels;
+  if (!g.channels_last) {
+    for_each_window_row_nchw(g, gi, [&](int64_t plane, int64_t oh, T* gi_rows, int64_t rows) {
+      const T* go_row = go + (plane * g.out_h + oh) * g.out_w;
+      if constexpr (std::is_same_v<T, float>) {
+        if (g.kernel_w == 2 && g.in_w >= 2 * g.out_w) {
+          const Vec row_taps(divisor_override != 0
+                                 ? static_cast<Acc>(divisor_override)
+                                 : static_cast<Acc>(std::min(g.kernel_h, g.in_h - oh * g.kernel_h)));
+          for (int64_t ow = 0; ow < g.out_w; ow += kLanes) {
+            const int64_t lanes = std::min(kLanes, g.out_w - ow);
+            const Vec divisors = divisor_override != 0
+                                     ? row_taps
+                                     : row_taps * Vec::loadu(col_taps.data() + ow, lanes);
+            const Vec share = Vec::loadu(go_row + ow, lanes) / divisors + Vec(0.f);
+            for (int64_t kh = 0; kh < rows; ++kh) store_pairs(gi_rows + kh * g.in_w, ow, lanes, share, share);
+          }
+          for (int64_t kh = 0; kh < rows; ++kh) {
+            std::fill(gi_rows + kh * g.in_w + 2 * g.out_w, gi_rows + (kh + 1) * g.in_w, 0.f);
+          }
+          return;
+        }
+      }
+      write_window_rows_scalar(g, gi_rows, rows, [&](int64_t ow, int64_t, int64_t) {
+        return static_cast<Acc>(go_row[ow]) / divisor(oh, ow) + Acc(0);
+      });
+    });
+    return;
+  }
+  for_each_window_pixel_channels_last(
+      g, gi, [&](int64_t n, int64_t oh, int64_t ow, int64_t, int64_t, T* gi_pixel) {
+        const T* go_pixel = go + ((n * g.out_h + oh) * g.out_w + ow) * C;
+        const Acc window_divisor = divisor(oh, ow);
+        int64_t c = 0;
+        for (; c + kLanes <= C; c += kLanes) {
+          store_acc(gi_pixel + c, load_acc(go_pixel + c) / Vec(window_divisor) + Vec(Acc(0)));
+        }
+        for (; c < C; ++c) {
+          gi_pixel[c] = static_cast<T>(static_cast<Acc>(go_pixel[c]) / window_divisor + Acc(0));
+        }
+      });
+}
+
+// Channels-last, overlapping windows: the gather (gather_channels_last), each window's
+// share grad_output / divisor summed in output order.
+template <typename T>
+void avg_backward_gather_channels_last(const Geometry& g, bool count_include_pad,
+                                       int64_t divisor_override, const T* go, T* gi) {
+  using Acc = opmath_t<T>;
+  using Vec = Vectorized<Acc>;
+  constexpr int64_t kLanes = Vec::size();
+  std::vector<Acc> divisors(g.out_h * g.out_w);
+  for (int64_t oh = 0; oh < g.out_h; ++oh) {
+    const AvgSpan hs = avg_span(oh, g.stride_h, g.pad_h, g.kernel_h, g.in_h);
+    for (int64_t ow = 0; ow < g.out_w; ++ow) {
+      divisors[oh * g.out_w + ow] = static_cast<Acc>(
+          avg_divisor(hs, avg_span(ow, g.stride_w, g.pad_w, g.kernel_w, g.in_w),
+                      count_include_pad, divisor_override));
+    }
+  }
+  const int64_t C = g.channels;
+  gather_channels_last(g, gi, [&](int64_t n, const std::vector<WindowTap>& rows,
+                                  const std::vector<WindowTap>& cols, T* gi_pixel) {
+    int64_t c = 0;
+    for (; c + kLanes <= C; c += kLanes) {
+      Vec sum(Acc(0));
+      for (const WindowTap& r : rows) {
+        for (const WindowTap& w : cols) {
+          const int64_t window = r.window * g.out_w + w.window;
+          sum = sum + load_acc(go + (n * g.out_h * g.out_w + window) * C + c) /
+                          Vec(divisors[window]);
+        }
+      }
+      store_acc(gi_pixel + c, sum);
+    }
+    for (; c < C; ++c) {
+      Acc sum(0);
+      for (const WindowTap& r : rows) {
+        for (const WindowTap& w : cols) {
+          const int64_t window = r.window * g.out_w + w.window;
+          sum += static_cast<Acc>(go[(n * g.out_h * g.out_w + window) * C + c]) / divisors[window];
+        }
+      }
+      gi_pixel[c] = static_cast<T>(sum);
+    }
+  });
+}
+
 // grad_input[tap] += grad_output / divisor for every tap of every window, as torch does.
 template <typename T>
 void avg_backward_typed(const Geometry& g, bool count_include_pad, int64_t divisor_override,
                         const Tensor& grad_output, const Tensor& grad_input) {
   using Acc = opmath_t<T>;
-  using Vec = Vectorized<Acc>;
-  constexpr int64_t kLanes = Vec::size();
   const T* go = grad_output.const_data_ptr<T>();
   T* gi = grad_input.data_ptr<T>();
-  // Outputs whose window lies wholly in the padding pass no gradient (window_is_empty),
-  // whatever index the forward stored for them.
-  const auto [empty_row, empty_col] = empty_windows(g);
-  const int64_t in_plane = g.in_h * g.in_w, out_plane = g.out_h * g.out_w;
-  if (!g.channels_last) {
-    const int64_t grain = std::max<int64_t>(1, kGrainSize / std::max<int64_t>(1, in_plane));
-    at::parallel_for(0, g.batch * g.channels, grain, [&](int64_t begin, int64_t end) {
-      std::vector<Acc> buffer(kReduced<T> ? in_plane : 0);
-      std::vector<Acc> row_share(g.out_w);
-      std::vector<AvgSpan> col_spans(g.out_w);
-      for (int64_t ow = 0; ow < g.out_w; ++ow) {
-        col_spans[ow] = avg_span(ow, g.stride_w, g.pad_w, g.kernel_w, g.in_w);
-      }
-      for (int64_t plane = begin; plane < end; ++plane) {
-        T* gi_plane = gi + plane * in_plane;
-        Acc* acc = kReduced<T> ? buffer.data() : reinterpret_cast<Acc*>(gi_plane);
-        std::fill(acc, acc + in_plane, Acc(0));
-        const T* go_plane = go + plane * out_plane;
-        for (int64_t oh = 0; oh < g.out_h; ++oh) {
-          const AvgSpan hs = avg_span(oh, g.stride_h, g.pad_h, g.kernel_h, g.in_h);
-          for (int64_t ow = 0; ow < g.out_w; ++ow) {
-            const int64_t divisor =
-                avg_divisor(hs, col_spans[ow], count_include_pad, divisor_override);
-            row_share[ow] = divisor == 0 ? Acc(0)
-                                         : static_cast<Acc>(go_plane[oh * g.out_w + ow]) /
-                                               static_cast<Acc>(divisor);
-          }
-          for (int64_t ih = hs.begin; ih < hs.end; ++ih) {
-            Acc* acc_row = acc + ih * g.in_w;
-            for (int64_t ow = 0; ow < g.out_w; ++ow) {
-              const Acc share = row_share[ow];
-              for (int64_t iw = col_spans[ow].begin; iw < col_spans[ow].end; ++iw) {
-                acc_row[iw] += share;
-              }
-            }
-          }
-        }
-        if constexpr (kReduced<T>) {
-          for (int64_t i = 0; i < in_plane; ++i) gi_plane[i] = static_cast<T>(acc[i]);
-        }
-      }
-    });
-    return;
+  if (windows_tile(g)) return avg_backward_tiled(g, divisor_override, go, gi);
+  if (g.channels_last) {
+    return avg_backward_gather_channels_last(g, count_include_pad, divisor_override, go, gi);
   }
-  const int64_t C = g.channels;
-  scatter_channels_last(g, gi, [&](int64_t n, int64_t c0, int64_t c1, T* gi_sample) {
-    for (int64_t oh = 0; oh < g.out_h; ++oh) {
-      const AvgSpan hs = avg_span(oh, g.stride_h, g.pad_h, g.kernel_h, g.in_h);
-      for (int64_t ow = 0; ow < g.out_w; ++ow) {
-        const AvgSpan ws = avg_span(ow, g.stride_w, g.pad_w, g.kernel_w, g.in_w);
-        const int64_t divisor = avg_divisor(hs, ws, count_include_pad, divisor_override);
-        if (divisor == 0) continue;
-        const T* go_pixel = go + ((n * g.out_h + oh) * g.out_w + ow) * C;
-        const Acc divisor_value = static_cast<Acc>(divisor);
+  // NCHW: the scatter, per plane.
+  const int64_t in_plane = g.in_h * g.in_w, out_plane = g.out_h * g.out_w;
+  const int64_t grain = std::max<int64_t>(1, kGrainSize / std::max<int64_t>(1, in_plane));
+  at::parallel_for(0, g.batch * g.channels, grain, [&](int64_t begin, int64_t end) {
+    std::vector<Acc> buffer(kReduced<T> ? in_plane : 0);
+    std::vector<Acc> row_share(g.out_w);
+    std::vector<AvgSpan> col_spans(g.out_w);
+    for (int64_t ow = 0; ow < g.out_w; ++ow) {
+      col_spans[ow] = avg_span(ow, g.stride_w, g.pad_w, g.kernel_w, g.in_w);
+    }
+    for (int64_t plane = begin; plane < end; ++plane) {
+      T* gi_plane = gi + plane * in_plane;
+      Acc* acc = kReduced<T> ? buffer.data() : reinterpret_cast<Acc*>(gi_plane);
+      std::fill(acc, acc + in_plane, Acc(0));
+      const T* go_plane = go + plane * out_plane;
+      for (int64_t oh = 0; oh < g.out_h; ++oh) {
+        const AvgSpan hs = avg_span(oh, g.stride_h, g.pad_h, g.kernel_h, g.in_h);
+        for (int64_t ow = 0; ow < g.out_w; ++ow) {
+          const int64_t divisor =
+              avg_divisor(hs, col_spans[ow], count_include_pad, divisor_override);
+          row_share[ow] = divisor == 0 ? Acc(0)
+                                       : static_cast<Acc>(go_plane[oh * g.out_w + ow]) /
+                                             static_cast<Acc>(divisor);
+        }
         for (int64_t ih = hs.begin; ih < hs.end; ++ih) {
-          for (int64_t iw = ws.begin; iw < ws.end; ++iw) {
-            T* target = gi_sample + (ih * g.in_w + iw) * C;
-            int64_t c = c0;
-            for (; c + kLanes <= c1; c += kLanes) {
-              store_acc(target + c, load_acc(target + c) + load_acc(go_pixel + c) /
-                                                                Vec(divisor_value));
-            }
-            for (; c < c1; ++c) {
-              target[c] = static_cast<T>(static_cast<Acc>(target[c]) +
-                                         static_cast<Acc>(go_pixel[c]) / divisor_value);
+          Acc* acc_row = acc + ih * g.in_w;
+          for (int64_t ow = 0; ow < g.out_w; ++ow) {
+            const Acc share = row_share[ow];
+            for (int64_t iw = col_spans[ow].begin; iw < col_spans[ow].end; ++iw) {
+              acc_row[iw] += share;
             }
           }
         }
+      }
+      if constexpr (kReduced<T>) {
+        for (int64_t i = 0; i < in_plane; ++i) gi_plane[i] = static_cast<T>(acc[i]);
       }
     }
   });
