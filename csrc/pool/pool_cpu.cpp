@@ -298,6 +298,61 @@ void arg_forward_nchw_gather(const Geometry& g, const T* input, T* output,
   });
 }
 
+// The usual 2x2, stride-2 pool on NCHW float rows of even width (in_w == 2 * out_w): each
+// row pair is reduced as whole vectors (deinterleave each row into its even and odd
+// columns, reduce them, then the two rows), with no gathers, whatever the row length. The
+// two-stage order gives the row-major rule's result and tap: the later of two taps wins
+// only when greater or NaN, at each stage.
+bool pairs_tile_rows(const Geometry& g) {
+  return g.kernel_h == 2 && g.kernel_w == 2 && g.stride_h == 2 && g.stride_w == 2 &&
+         g.pad_h == 0 && g.pad_w == 0 && g.dilation_h == 1 && g.dilation_w == 1 &&
+         g.in_w == 2 * g.out_w && 2 * g.out_h <= g.in_h;
+}
+
+template <IndexKind K, typename Reduce>
+void arg_forward_nchw_pairs(const Geometry& g, const float* input, float* output,
+                            uint8_t* indices) {
+  using Vec = Vectorized<float>;
+  constexpr int64_t kLanes = Vec::size();
+  const int64_t in_plane = g.in_h * g.in_w, out_plane = g.out_h * g.out_w;
+  // One row's `lanes` windows from column `ow`: the better of each column pair, and
+  // whether the right column won (a lane mask).
+  auto reduce_row = [&](const float* row, int64_t lanes) {
+    const int64_t first = std::min<int64_t>(kLanes, 2 * lanes);
+    const auto [even, odd] =
+        at::vec::deinterleave2(Vec::loadu(row, first), Vec::loadu(row + kLanes, 2 * lanes - first));
+    const Vec right = Reduce::replaces(odd, even);
+    return std::make_pair(math::where(right, odd, even), right);
+  };
+  const int64_t grain = std::max<int64_t>(1, kGrainSize / std::max<int64_t>(1, in_plane));
+  at::parallel_for(0, g.batch * g.channels, grain, [&](int64_t begin, int64_t end) {
+    for (int64_t plane = begin; plane < end; ++plane) {
+      for (int64_t oh = 0; oh < g.out_h; ++oh) {
+        const float* top = input + plane * in_plane + 2 * oh * g.in_w;
+        float* out = output + plane * out_plane + oh * g.out_w;
+        for (int64_t ow = 0; ow < g.out_w; ow += kLanes) {
+          const int64_t lanes = std::min(kLanes, g.out_w - ow);
+          const auto [top_best, top_right] = reduce_row(top + 2 * ow, lanes);
+          const auto [bottom_best, bottom_right] = reduce_row(top + g.in_w + 2 * ow, lanes);
+          const Vec down = Reduce::replaces(bottom_best, top_best);
+          const Vec result = Reduce::finalize(math::where(down, bottom_best, top_best));
+          result.store(out + ow, lanes);
+          if constexpr (K == IndexKind::Offset8) {
+            const Vec one(1.f);
+            Vec offset = math::where(down, Vec(2.f) + (bottom_right & one), top_right & one);
+            if constexpr (Reduce::kRelu) {
+              offset = math::where(Reduce::blocks_gradient(result),
+                                   Vec(static_cast<float>(kNoTap<uint8_t>)), offset);
+            }
+            at::vec::convert<uint8_t>(offset).store(
+                indices + plane * out_plane + oh * g.out_w + ow, lanes);
+          }
+        }
+      }
+    }
+  });
+}
+
 template <IndexKind K, typename Reduce, typename T>
 void arg_forward_nchw(const Geometry& g, const T* input, T* output,
                       typename IndexType<K>::type* indices) {
@@ -306,6 +361,10 @@ void arg_forward_nchw(const Geometry& g, const T* input, T* output,
   constexpr int64_t kLanes = Vec::size();
   const int64_t planes = g.batch * g.channels;
   const int64_t in_plane = g.in_h * g.in_w, out_plane = g.out_h * g.out_w;
+  if constexpr (std::is_same_v<T, float> &&
+                (K == IndexKind::None || K == IndexKind::Offset8)) {
+    if (pairs_tile_rows(g)) return arg_forward_nchw_pairs<K, Reduce>(g, input, output, indices);
+  }
   const TapRange interior =
       interior_outputs(g.out_w, g.stride_w, g.pad_w, g.dilation_w, g.kernel_w, g.in_w);
   // Lane offsets of the gather path are int32 for float: planes must fit.
