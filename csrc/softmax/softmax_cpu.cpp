@@ -7,6 +7,7 @@
 #include <ATen/Parallel.h>
 #include <ATen/cpu/vec/functional.h>
 #include <ATen/cpu/vec/vec.h>
+#include <c10/util/SmallVector.h>
 
 #include <algorithm>
 #include <cmath>
@@ -208,43 +209,84 @@ void log_softmax_backward_typed(const Tensor& grad_output, const Tensor& output,
 
 template <typename T>
 void nll_forward_typed(const Tensor& input, const Tensor& target, int64_t ignore_index,
-                       const Tensor& row_loss, const Tensor& lse) {
+                       Reduction reduction, const Tensor& loss, const Tensor& lse) {
   using A = Acc<T>;
   const int64_t rows = input.size(0), classes = input.size(1);
   const T* x = input.const_data_ptr<T>();
   const int64_t* t = target.const_data_ptr<int64_t>();
-  A* loss = row_loss.data_ptr<A>();
   A* terms = lse.data_ptr<A>();  // [rows, 2]: max, log_sum
-  at::parallel_for(0, rows, rows_per_task(classes), [&](int64_t begin, int64_t end) {
-    for (int64_t n = begin; n < end; ++n) {
-      const T* row = x + n * classes;
-      const auto [max, log_sum] = row_lse(row, classes);
-      terms[2 * n] = max;
-      terms[2 * n + 1] = log_sum;
-      if (t[n] == ignore_index) {
-        loss[n] = A(0);
-        continue;
+  // Row n's loss (0 if ignored); writes its log-sum-exp on the way.
+  auto row_loss = [&](int64_t n) -> A {
+    const T* row = x + n * classes;
+    const auto [max, log_sum] = row_lse(row, classes);
+    terms[2 * n] = max;
+    terms[2 * n + 1] = log_sum;
+    if (t[n] == ignore_index) return A(0);
+    TORCH_CHECK_INDEX(t[n] >= 0 && t[n] < classes, "pyops.log_softmax_nll_loss: target ", t[n],
+                      " is out of bounds for ", classes, " classes (row ", n, ")");
+    return Math::nll_loss(static_cast<A>(row[t[n]]), max, log_sum);
+  };
+  const int64_t block_rows = rows_per_task(classes);
+  if (reduction == Reduction::None) {
+    T* out = loss.data_ptr<T>();
+    at::parallel_for(0, rows, block_rows, [&](int64_t begin, int64_t end) {
+      for (int64_t n = begin; n < end; ++n) out[n] = static_cast<T>(row_loss(n));
+    });
+    return;
+  }
+  // Blocks of a fixed number of rows, each summed in row order, then the blocks in
+  // order: the same bits for any thread count. The seed network's batch is one block.
+  const int64_t blocks = (rows + block_rows - 1) / block_rows;
+  c10::SmallVector<NllLossSum, 16> block_sum(blocks);
+  c10::SmallVector<int64_t, 16> block_counted(blocks);
+  at::parallel_for(0, blocks, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t b = begin; b < end; ++b) {
+      NllLossSum sum = 0;
+      int64_t counted = 0;
+      for (int64_t n = b * block_rows; n < std::min(rows, (b + 1) * block_rows); ++n) {
+        sum += row_loss(n);
+        counted += t[n] != ignore_index;
       }
-      TORCH_CHECK_INDEX(t[n] >= 0 && t[n] < classes, "pyops.log_softmax_nll_loss: target ",
-                        t[n], " is out of bounds for ", classes, " classes (row ", n, ")");
-      loss[n] = Math::nll_loss(static_cast<A>(row[t[n]]), max, log_sum);
+      block_sum[b] = sum;
+      block_counted[b] = counted;
     }
   });
+  NllLossSum sum = 0;
+  int64_t counted = 0;
+  for (int64_t b = 0; b < blocks; ++b) {
+    sum += block_sum[b];
+    counted += block_counted[b];
+  }
+  // 'mean' of no counted row: 0 / 0 = NaN, as in torch.
+  *loss.data_ptr<T>() =
+      static_cast<T>(reduction == Reduction::Mean ? sum / static_cast<NllLossSum>(counted) : sum);
 }
 
 template <typename T>
-void nll_backward_typed(const Tensor& input, const Tensor& target, const Tensor& lse,
-                        const Tensor& row_weight, const Tensor& grad_input) {
+void nll_backward_typed(const Tensor& grad_loss, const Tensor& input, const Tensor& target,
+                        const Tensor& lse, Reduction reduction, int64_t ignore_index,
+                        const Tensor& grad_input) {
   using A = Acc<T>;
   const int64_t rows = input.size(0), classes = input.size(1);
   const T* x = input.const_data_ptr<T>();
   const int64_t* t = target.const_data_ptr<int64_t>();
   const A* terms = lse.const_data_ptr<A>();  // [rows, 2]: max, log_sum
-  const A* weight = row_weight.const_data_ptr<A>();
+  const T* upstream = grad_loss.const_data_ptr<T>();
+  // One upstream gradient for 'mean' and 'sum', one per row (any stride) for 'none'.
+  const int64_t upstream_stride = reduction == Reduction::None ? grad_loss.stride(0) : 0;
+  A divisor = 1;
+  if (reduction == Reduction::Mean) {
+    int64_t counted = 0;
+    for (int64_t n = 0; n < rows; ++n) counted += t[n] != ignore_index;
+    divisor = static_cast<A>(std::max<int64_t>(counted, 1));
+  }
   T* gi = grad_input.data_ptr<T>();
   at::parallel_for(0, rows, rows_per_task(classes), [&](int64_t begin, int64_t end) {
     for (int64_t n = begin; n < end; ++n) {
-      const A w = weight[n], max = terms[2 * n], log_sum = terms[2 * n + 1];
+      const bool counted = t[n] != ignore_index;
+      const A w = Math::nll_row_weight(static_cast<A>(upstream[n * upstream_stride]), counted,
+                                       divisor);
+      const A max = terms[2 * n], log_sum = terms[2 * n + 1];
       const T* row = x + n * classes;
       T* grad_row = gi + n * classes;
       map_range([w, max, log_sum](auto v) {
@@ -252,7 +294,10 @@ void nll_backward_typed(const Tensor& input, const Tensor& target, const Tensor&
                   return Math::nll_grad(v, V(max), V(log_sum), V(0), V(w));
                 },
                 classes, grad_row, row);
-      if (w != A(0)) {  // the target's own term (ignored rows have weight 0)
+      if (counted) {  // the target's own term
+        TORCH_CHECK_INDEX(t[n] >= 0 && t[n] < classes,
+                          "pyops._log_softmax_nll_loss_backward: target ", t[n],
+                          " is out of bounds for ", classes, " classes (row ", n, ")");
         grad_row[t[n]] = static_cast<T>(
             Math::nll_grad(static_cast<A>(row[t[n]]), max, log_sum, A(1), w));
       }
@@ -276,16 +321,18 @@ void log_softmax_backward(const Tensor& grad_output, const Tensor& output,
 }
 
 void nll_forward(const Tensor& input, const Tensor& target, int64_t ignore_index,
-                 const Tensor& row_loss, const Tensor& lse) {
+                 Reduction reduction, const Tensor& loss, const Tensor& lse) {
   PYOPS_DISPATCH_FLOATING(input.scalar_type(), "pyops_log_softmax_nll_cpu", [&] {
-    nll_forward_typed<scalar_t>(input, target, ignore_index, row_loss, lse);
+    nll_forward_typed<scalar_t>(input, target, ignore_index, reduction, loss, lse);
   });
 }
 
-void nll_backward(const Tensor& input, const Tensor& target, const Tensor& lse,
-                  const Tensor& row_weight, const Tensor& grad_input) {
+void nll_backward(const Tensor& grad_loss, const Tensor& input, const Tensor& target,
+                  const Tensor& lse, Reduction reduction, int64_t ignore_index,
+                  const Tensor& grad_input) {
   PYOPS_DISPATCH_FLOATING(input.scalar_type(), "pyops_log_softmax_nll_backward_cpu", [&] {
-    nll_backward_typed<scalar_t>(input, target, lse, row_weight, grad_input);
+    nll_backward_typed<scalar_t>(grad_loss, input, target, lse, reduction, ignore_index,
+                                 grad_input);
   });
 }
 
