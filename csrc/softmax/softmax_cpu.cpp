@@ -40,30 +40,52 @@ struct Lse {
   A max, log_sum;
 };
 
-// The log-sum-exp of a contiguous row, in Acc: its max, then the sum of exp(x - max).
+// The last `count` (< Vectorized<Acc<T>>::size()) elements of a row as one vector in Acc,
+// with `fill` in the lanes past the row's end. Rows shorter than a vector (the seed
+// network's 10 classes) then run their exp in SIMD rather than through the C library's.
+template <typename T>
+Vectorized<Acc<T>> load_tail(const T* ptr, int64_t count, Acc<T> fill) {
+  using A = Acc<T>;
+  alignas(64) A lanes[Vectorized<A>::size()];
+  for (int64_t i = 0; i < Vectorized<A>::size(); ++i) {
+    lanes[i] = i < count ? static_cast<A>(ptr[i]) : fill;
+  }
+  return Vectorized<A>::loadu(lanes);
+}
+
+template <typename T>
+void store_tail(T* ptr, const Vectorized<Acc<T>>& v, int64_t count) {
+  alignas(64) Acc<T> lanes[Vectorized<Acc<T>>::size()];
+  v.store(lanes);
+  for (int64_t i = 0; i < count; ++i) ptr[i] = static_cast<T>(lanes[i]);
+}
+
+// The log-sum-exp of a contiguous row, in Acc: its max, then the sum of exp(x - max),
+// all in SIMD (the row's tail as one partial vector).
 template <typename T>
 Lse<Acc<T>> row_lse(const T* row, int64_t size) {
   using A = Acc<T>;
   using V = Vectorized<A>;
   constexpr int64_t kStep = V::size();
-  int64_t i = 0;
-  A max = -std::numeric_limits<A>::infinity();  // a NaN anywhere wins, as in torch
-  if (size >= kStep) {
-    V vmax(max);
-    for (; i + kStep <= size; i += kStep) {
-      vmax = math::maximum(vmax, cpu::detail::load_as_opmath(row + i));
-    }
-    max = cpu::detail::lane_reduce(vmax, [](A a, A b) { return math::maximum(a, b); });
+  constexpr A kLowest = -std::numeric_limits<A>::infinity();
+  const int64_t body = size - size % kStep, tail = size - body;
+  V vmax(kLowest);  // a NaN anywhere wins, as in torch
+  for (int64_t i = 0; i < body; i += kStep) {
+    vmax = math::maximum(vmax, cpu::detail::load_as_opmath(row + i));
   }
-  for (; i < size; ++i) max = math::maximum(max, static_cast<A>(row[i]));
+  if (tail > 0) vmax = math::maximum(vmax, load_tail(row + body, tail, kLowest));
+  const A max = cpu::detail::lane_reduce(vmax, [](A a, A b) { return math::maximum(a, b); });
+  const V vmax_all(max);
   V vsum(A(0));
-  const V vmax(max);
-  for (i = 0; i + kStep <= size; i += kStep) {
-    vsum = vsum + Math::shifted_exp(cpu::detail::load_as_opmath(row + i), vmax);
+  for (int64_t i = 0; i < body; i += kStep) {
+    vsum = vsum + Math::shifted_exp(cpu::detail::load_as_opmath(row + i), vmax_all);
   }
-  A sum = cpu::detail::lane_sum(vsum);
-  for (; i < size; ++i) sum += Math::shifted_exp(static_cast<A>(row[i]), max);
-  return {max, std::log(sum)};
+  if (tail > 0) {
+    // Lanes past the end add 0 (not exp(-inf - max), which is NaN for an all -inf row).
+    vsum = vsum + V::set(V(A(0)), Math::shifted_exp(load_tail(row + body, tail, kLowest), vmax_all),
+                         tail);
+  }
+  return {max, std::log(cpu::detail::lane_sum(vsum))};
 }
 
 // Sum of a contiguous row, in Acc.
@@ -281,6 +303,8 @@ void nll_backward_typed(const Tensor& grad_loss, const Tensor& input, const Tens
     divisor = static_cast<A>(std::max<int64_t>(counted, 1));
   }
   T* gi = grad_input.data_ptr<T>();
+  // The row's last classes % step elements as one partial vector (load_tail says why).
+  const int64_t body = classes - classes % Vectorized<A>::size(), tail = classes - body;
   at::parallel_for(0, rows, rows_per_task(classes), [&](int64_t begin, int64_t end) {
     for (int64_t n = begin; n < end; ++n) {
       const bool counted = t[n] != ignore_index;
@@ -289,11 +313,12 @@ void nll_backward_typed(const Tensor& grad_loss, const Tensor& input, const Tens
       const A max = terms[2 * n], log_sum = terms[2 * n + 1];
       const T* row = x + n * classes;
       T* grad_row = gi + n * classes;
-      map_range([w, max, log_sum](auto v) {
-                  using V = decltype(v);
-                  return Math::nll_grad(v, V(max), V(log_sum), V(0), V(w));
-                },
-                classes, grad_row, row);
+      const auto grad = [w, max, log_sum](auto v) {
+        using V = decltype(v);
+        return Math::nll_grad(v, V(max), V(log_sum), V(0), V(w));
+      };
+      map_range(grad, body, grad_row, row);
+      if (tail > 0) store_tail(grad_row + body, grad(load_tail(row + body, tail, A(0))), tail);
       if (counted) {  // the target's own term
         TORCH_CHECK_INDEX(t[n] >= 0 && t[n] < classes,
                           "pyops._log_softmax_nll_loss_backward: target ", t[n],
