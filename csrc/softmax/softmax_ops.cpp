@@ -164,7 +164,8 @@ Tensor nll_backward_impl(const Tensor& grad_loss, const Tensor& self, const Tens
   const Tensor upstream = grad_loss.scalar_type() == input.scalar_type()
                               ? grad_loss
                               : grad_loss.to(input.scalar_type());
-  Tensor grad_input = with_huge_pages(at::empty_like(input, at::MemoryFormat::Contiguous));
+  // input is contiguous: at::empty, one dispatch fewer than empty_like.
+  Tensor grad_input = with_huge_pages(at::empty(input.sizes(), input.options()));
   if (input.numel() > 0) {
     nll_backward_kernel(input.device().type())(upstream, input, target, lse.contiguous(),
                                                reduction, ignore_index, grad_input);
@@ -254,33 +255,32 @@ c10::string_view reduction_name(Reduction reduction) {
 using NllBackwardSignature = Tensor(const Tensor&, const Tensor&, const Tensor&, const Tensor&,
                                     c10::string_view, int64_t);
 
+// The Function's one output is the loss; lse, which has no gradient, leaves through
+// `lse_out` (fewer outputs for autograd to wrap, and no zeros for lse's gradient).
 struct NllFunction : torch::autograd::Function<NllFunction> {
-  static variable_list forward(AutogradContext* ctx, const Tensor& input, const Tensor& target,
-                               c10::string_view reduction, int64_t ignore_index) {
+  static Tensor forward(AutogradContext* ctx, const Tensor& input, const Tensor& target,
+                        c10::string_view reduction, int64_t ignore_index, Tensor* lse_out) {
     static auto op = op_handle<NllSignature>("pyops::log_softmax_nll_loss");
     std::tuple<Tensor, Tensor> result;
     {
       at::AutoDispatchBelowADInplaceOrView guard;
       result = op.call(input, target, reduction, ignore_index);
     }
-    ctx->mark_non_differentiable({std::get<1>(result)});
-    // lse has no gradient: no zeros for it in the backward.
-    ctx->set_materialize_grads(false);
-    ctx->save_for_backward({input, target, std::get<1>(result)});
+    *lse_out = std::get<1>(result);
+    ctx->save_for_backward({input, target, *lse_out});
     // Saved as an enum, not a string: no allocation per call.
     ctx->saved_data["reduction"] =
         static_cast<int64_t>(parse_reduction(reduction, "pyops.log_softmax_nll_loss"));
     ctx->saved_data["ignore_index"] = ignore_index;
-    return {std::get<0>(result), std::get<1>(result)};
+    return std::get<0>(result);
   }
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
     static auto op = op_handle<NllBackwardSignature>("pyops::_log_softmax_nll_loss_backward");
-    if (!grads[0].defined()) return {Tensor(), Tensor(), Tensor(), Tensor()};
     const auto saved = ctx->get_saved_variables();
     const auto reduction = static_cast<Reduction>(ctx->saved_data["reduction"].toInt());
     return {op.call(grads[0], saved[0], saved[1], saved[2], reduction_name(reduction),
                     ctx->saved_data["ignore_index"].toInt()),
-            Tensor(), Tensor(), Tensor()};
+            Tensor(), Tensor(), Tensor(), Tensor()};
   }
 };
 
@@ -291,8 +291,9 @@ std::tuple<Tensor, Tensor> nll_autograd(const Tensor& input, const Tensor& targe
     at::AutoDispatchBelowADInplaceOrView guard;
     return op.call(input, target, reduction, ignore_index);
   }
-  auto outputs = NllFunction::apply(input, target, reduction, ignore_index);
-  return {outputs[0], outputs[1]};
+  Tensor lse;
+  Tensor loss = NllFunction::apply(input, target, reduction, ignore_index, &lse);
+  return {loss, lse};
 }
 
 // The fused loss has no double backward: a backward that would record one raises.
