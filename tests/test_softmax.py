@@ -67,10 +67,16 @@ def native_nll(x, target, reduction, ignore_index):
                        ignore_index=ignore_index)
 
 
+# Rows shorter than a SIMD vector run a vector of rows at a time (the seed network's
+# (64, 10)); the others a row at a time: classes just below, at and above a vector's
+# 8 / 16 lanes, row counts that leave a partial group.
+NLL_SHAPES = [(64, 10), (7, 33), (1, 1), (130, 1000), (17, 15), (33, 16), (19, 7), (5, 8)]
+
+
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=dtype_id)
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
-@pytest.mark.parametrize("rows,classes", [(64, 10), (7, 33), (1, 1), (130, 1000)])
+@pytest.mark.parametrize("rows,classes", NLL_SHAPES)
 def test_log_softmax_nll_loss_matches_native(rows, classes, reduction, dtype, device):
     x = (3 * torch.randn(rows, classes)).to(device=device, dtype=dtype)
     target = torch.randint(0, classes, (rows,), device=device)
@@ -93,6 +99,79 @@ def test_log_softmax_nll_loss_unbatched_and_all_ignored():
     ignored = torch.full((4,), -100)
     assert_close(F.log_softmax_nll_loss(x2, ignored), TF.cross_entropy(x2, ignored),
                  equal_nan=True)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_log_softmax_nll_loss_none_takes_any_gradient_stride(device):
+    # loss.sum() hands the per-row losses an expanded (stride 0) gradient.
+    x = torch.randn(20, 6, device=device)
+    t = torch.randint(0, 6, (20,), device=device)
+    t[3] = -100
+    x_a, x_e = x.clone().requires_grad_(), x.clone().requires_grad_()
+    F.log_softmax_nll_loss(x_a, t, "none").sum().backward()
+    native_nll(x_e, t, "none", -100).sum().backward()
+    assert_close(x_a.grad, x_e.grad)
+    strided = torch.randn(40, device=device)[::2]
+    assert_close(torch.autograd.grad(F.log_softmax_nll_loss(x_a, t, "none"), x_a, strided)[0],
+                 torch.autograd.grad(native_nll(x_e, t, "none", -100), x_e, strided)[0])
+
+
+def test_log_softmax_nll_loss_ignored_rows_get_no_gradient():
+    # Even a NaN upstream gradient leaves an ignored row's gradient at 0, as in torch.
+    x = torch.randn(4, 5, requires_grad=True)
+    t = torch.tensor([0, -100, 2, 3])
+    grad = torch.tensor([1.0, float("nan"), 2.0, 0.5])
+    actual = torch.autograd.grad(F.log_softmax_nll_loss(x, t, "none"), x, grad)[0]
+    expected = torch.autograd.grad(native_nll(x, t, "none", -100), x, grad)[0]
+    assert_close(actual, expected)
+    assert actual[1].eq(0).all()
+
+
+def test_log_softmax_nll_loss_has_no_double_backward():
+    x = torch.randn(3, 4, requires_grad=True)
+    loss = F.log_softmax_nll_loss(x, torch.tensor([0, 1, 2]))
+    with pytest.raises(RuntimeError, match="no double backward"):
+        torch.autograd.grad(loss, x, create_graph=True)
+
+
+def test_log_softmax_nll_loss_backward_checks_grad_loss():
+    x = torch.randn(4, 5)
+    t = torch.tensor([0, 1, 2, 3])
+    loss, lse = torch.ops.pyops.log_softmax_nll_loss(x, t, "none", -100)
+    backward = torch.ops.pyops._log_softmax_nll_loss_backward
+    with pytest.raises(RuntimeError, match=r"grad_loss of shape \(4,\)"):
+        backward(torch.ones(3), x, t, lse, "none", -100)
+    with pytest.raises(RuntimeError, match="grad_loss of one element"):
+        backward(torch.ones(4), x, t, lse, "mean", -100)
+    with pytest.raises(IndexError, match="target 9 is out of bounds for 5 classes"):
+        backward(torch.ones(()), x, torch.tensor([0, 9, 2, 3]), lse, "sum", -100)
+    # A gradient of another dtype is taken in input's.
+    assert_close(backward(torch.ones((), dtype=torch.float64), x, t, lse, "mean", -100),
+                 backward(torch.ones(()), x, t, lse, "mean", -100))
+
+
+@pytest.mark.parametrize("classes", [10, 1000])
+def test_log_softmax_nll_loss_bits_do_not_depend_on_thread_count(classes):
+    # Enough rows for several parallel tasks; the loss is summed over blocks of rows
+    # whose size depends on the shape only.
+    rows = 40_000 // classes * 10
+    x = 3 * torch.randn(rows, classes)
+    t = torch.randint(0, classes, (rows,))
+    t[::7] = -100
+    threads = torch.get_num_threads()
+    results = []
+    try:
+        for count in (1, 3):
+            torch.set_num_threads(count)
+            x_a = x.clone().requires_grad_()
+            mean = F.log_softmax_nll_loss(x_a, t)
+            results.append((mean, F.log_softmax_nll_loss(x, t, "none"),
+                            torch.autograd.grad(mean, x_a)[0]))
+    finally:
+        torch.set_num_threads(threads)
+    for one, three in zip(*results):
+        assert torch.equal(one, three)
+    assert_close(results[0][0], native_nll(x, t, "mean", -100))
 
 
 def test_log_softmax_nll_loss_gradcheck():

@@ -7,6 +7,7 @@
 #include <ATen/Parallel.h>
 #include <ATen/cpu/vec/functional.h>
 #include <ATen/cpu/vec/vec.h>
+#include <c10/util/SmallVector.h>
 
 #include <algorithm>
 #include <cmath>
@@ -39,30 +40,52 @@ struct Lse {
   A max, log_sum;
 };
 
-// The log-sum-exp of a contiguous row, in Acc: its max, then the sum of exp(x - max).
+// The last `count` (< Vectorized<Acc<T>>::size()) elements of a row as one vector in Acc,
+// with `fill` in the lanes past the row's end. Rows shorter than a vector (the seed
+// network's 10 classes) then run their exp in SIMD rather than through the C library's.
+template <typename T>
+Vectorized<Acc<T>> load_tail(const T* ptr, int64_t count, Acc<T> fill) {
+  using A = Acc<T>;
+  alignas(64) A lanes[Vectorized<A>::size()];
+  for (int64_t i = 0; i < Vectorized<A>::size(); ++i) {
+    lanes[i] = i < count ? static_cast<A>(ptr[i]) : fill;
+  }
+  return Vectorized<A>::loadu(lanes);
+}
+
+template <typename T>
+void store_tail(T* ptr, const Vectorized<Acc<T>>& v, int64_t count) {
+  alignas(64) Acc<T> lanes[Vectorized<Acc<T>>::size()];
+  v.store(lanes);
+  for (int64_t i = 0; i < count; ++i) ptr[i] = static_cast<T>(lanes[i]);
+}
+
+// The log-sum-exp of a contiguous row, in Acc: its max, then the sum of exp(x - max),
+// all in SIMD (the row's tail as one partial vector).
 template <typename T>
 Lse<Acc<T>> row_lse(const T* row, int64_t size) {
   using A = Acc<T>;
   using V = Vectorized<A>;
   constexpr int64_t kStep = V::size();
-  int64_t i = 0;
-  A max = -std::numeric_limits<A>::infinity();  // a NaN anywhere wins, as in torch
-  if (size >= kStep) {
-    V vmax(max);
-    for (; i + kStep <= size; i += kStep) {
-      vmax = math::maximum(vmax, cpu::detail::load_as_opmath(row + i));
-    }
-    max = cpu::detail::lane_reduce(vmax, [](A a, A b) { return math::maximum(a, b); });
+  constexpr A kLowest = -std::numeric_limits<A>::infinity();
+  const int64_t body = size - size % kStep, tail = size - body;
+  V vmax(kLowest);  // a NaN anywhere wins, as in torch
+  for (int64_t i = 0; i < body; i += kStep) {
+    vmax = math::maximum(vmax, cpu::detail::load_as_opmath(row + i));
   }
-  for (; i < size; ++i) max = math::maximum(max, static_cast<A>(row[i]));
+  if (tail > 0) vmax = math::maximum(vmax, load_tail(row + body, tail, kLowest));
+  const A max = cpu::detail::lane_reduce(vmax, [](A a, A b) { return math::maximum(a, b); });
+  const V vmax_all(max);
   V vsum(A(0));
-  const V vmax(max);
-  for (i = 0; i + kStep <= size; i += kStep) {
-    vsum = vsum + Math::shifted_exp(cpu::detail::load_as_opmath(row + i), vmax);
+  for (int64_t i = 0; i < body; i += kStep) {
+    vsum = vsum + Math::shifted_exp(cpu::detail::load_as_opmath(row + i), vmax_all);
   }
-  A sum = cpu::detail::lane_sum(vsum);
-  for (; i < size; ++i) sum += Math::shifted_exp(static_cast<A>(row[i]), max);
-  return {max, std::log(sum)};
+  if (tail > 0) {
+    // Lanes past the end add 0 (not exp(-inf - max), which is NaN for an all -inf row).
+    vsum = vsum + V::set(V(A(0)), Math::shifted_exp(load_tail(row + body, tail, kLowest), vmax_all),
+                         tail);
+  }
+  return {max, std::log(cpu::detail::lane_sum(vsum))};
 }
 
 // Sum of a contiguous row, in Acc.
@@ -206,56 +229,204 @@ void log_softmax_backward_typed(const Tensor& grad_output, const Tensor& output,
   });
 }
 
+// Rows shorter than a vector (the seed network's 10 classes) are taken a vector of rows
+// at a time, one row per lane: transposed into `columns` ([class][lane]), their max, sum
+// of exponentials and log run in SIMD across the rows, with no reduction across lanes
+// (a row at a time, a 10-element row is all tail and per-row latency). A lane sees only
+// its own row, so a row's results do not depend on the rows beside it.
+template <typename T>
+struct ShortRows {
+  using A = Acc<T>;
+  using V = Vectorized<A>;
+  static constexpr int64_t kLanes = V::size();
+  alignas(64) A columns[kLanes * kLanes];
+
+  // Rows [0, count) of `rows` (count <= kLanes, classes < kLanes); other lanes read 0.
+  ShortRows(const T* rows, int64_t classes, int64_t count) {
+    for (int64_t c = 0; c < classes; ++c) {
+      for (int64_t lane = 0; lane < kLanes; ++lane) {
+        columns[c * kLanes + lane] =
+            lane < count ? static_cast<A>(rows[lane * classes + c]) : A(0);
+      }
+    }
+  }
+  V column(int64_t c) const { return V::loadu(columns + c * kLanes); }
+  // Each lane's log-sum-exp terms: (max, log(sum(exp(x - max)))).
+  std::pair<V, V> lse(int64_t classes) const {
+    V max(-std::numeric_limits<A>::infinity());
+    for (int64_t c = 0; c < classes; ++c) max = math::maximum(max, column(c));
+    V sum(A(0));
+    for (int64_t c = 0; c < classes; ++c) sum = sum + Math::shifted_exp(column(c), max);
+    return {max, sum.log()};
+  }
+};
+
+// A chunk of the fused kernels: at most kLanes rows, handled together.
+template <typename T>
+constexpr int64_t kChunkRows = ShortRows<T>::kLanes;
+
 template <typename T>
 void nll_forward_typed(const Tensor& input, const Tensor& target, int64_t ignore_index,
-                       const Tensor& row_loss, const Tensor& lse) {
+                       Reduction reduction, const Tensor& loss, const Tensor& lse) {
   using A = Acc<T>;
+  constexpr int64_t kChunk = kChunkRows<T>;
   const int64_t rows = input.size(0), classes = input.size(1);
   const T* x = input.const_data_ptr<T>();
   const int64_t* t = target.const_data_ptr<int64_t>();
-  A* loss = row_loss.data_ptr<A>();
   A* terms = lse.data_ptr<A>();  // [rows, 2]: max, log_sum
-  at::parallel_for(0, rows, rows_per_task(classes), [&](int64_t begin, int64_t end) {
-    for (int64_t n = begin; n < end; ++n) {
-      const T* row = x + n * classes;
-      const auto [max, log_sum] = row_lse(row, classes);
-      terms[2 * n] = max;
-      terms[2 * n + 1] = log_sum;
-      if (t[n] == ignore_index) {
-        loss[n] = A(0);
-        continue;
+  // Rows [first, first + count), count <= kChunk: writes their log-sum-exp terms and
+  // their losses into `losses` (0 where ignored).
+  auto chunk_losses = [&](int64_t first, int64_t count, A* losses) {
+    alignas(64) A max[kChunk], log_sum[kChunk];
+    if (classes < ShortRows<T>::kLanes) {
+      const auto [vmax, vlog_sum] = ShortRows<T>(x + first * classes, classes, count).lse(classes);
+      vmax.store(max);
+      vlog_sum.store(log_sum);
+    } else {
+      for (int64_t i = 0; i < count; ++i) {
+        const auto row = row_lse(x + (first + i) * classes, classes);
+        max[i] = row.max;
+        log_sum[i] = row.log_sum;
       }
+    }
+    for (int64_t i = 0; i < count; ++i) {
+      const int64_t n = first + i;
+      terms[2 * n] = max[i];
+      terms[2 * n + 1] = log_sum[i];
+      losses[i] = A(0);
+      if (t[n] == ignore_index) continue;
       TORCH_CHECK_INDEX(t[n] >= 0 && t[n] < classes, "pyops.log_softmax_nll_loss: target ",
                         t[n], " is out of bounds for ", classes, " classes (row ", n, ")");
-      loss[n] = Math::nll_loss(static_cast<A>(row[t[n]]), max, log_sum);
+      losses[i] = Math::nll_loss(static_cast<A>(x[n * classes + t[n]]), max[i], log_sum[i]);
+    }
+  };
+  const int64_t block_rows = rows_per_task(classes);
+  if (reduction == Reduction::None) {
+    T* out = loss.data_ptr<T>();
+    at::parallel_for(0, rows, block_rows, [&](int64_t begin, int64_t end) {
+      for (int64_t first = begin; first < end; first += kChunk) {
+        const int64_t count = std::min(kChunk, end - first);
+        A losses[kChunk];
+        chunk_losses(first, count, losses);
+        for (int64_t i = 0; i < count; ++i) out[first + i] = static_cast<T>(losses[i]);
+      }
+    });
+    return;
+  }
+  // Blocks of a fixed number of rows, each summed in row order, then the blocks in
+  // order: the same bits for any thread count. The seed network's batch is one block.
+  const int64_t blocks = (rows + block_rows - 1) / block_rows;
+  c10::SmallVector<NllLossSum, 16> block_sum(blocks);
+  c10::SmallVector<int64_t, 16> block_counted(blocks);
+  at::parallel_for(0, blocks, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t b = begin; b < end; ++b) {
+      NllLossSum sum = 0;
+      int64_t counted = 0;
+      const int64_t last = std::min(rows, (b + 1) * block_rows);
+      for (int64_t first = b * block_rows; first < last; first += kChunk) {
+        const int64_t count = std::min(kChunk, last - first);
+        A losses[kChunk];
+        chunk_losses(first, count, losses);
+        for (int64_t i = 0; i < count; ++i) {
+          sum += losses[i];
+          counted += t[first + i] != ignore_index;
+        }
+      }
+      block_sum[b] = sum;
+      block_counted[b] = counted;
     }
   });
+  NllLossSum sum = 0;
+  int64_t counted = 0;
+  for (int64_t b = 0; b < blocks; ++b) {
+    sum += block_sum[b];
+    counted += block_counted[b];
+  }
+  // 'mean' of no counted row: 0 / 0 = NaN, as in torch.
+  *loss.data_ptr<T>() =
+      static_cast<T>(reduction == Reduction::Mean ? sum / static_cast<NllLossSum>(counted) : sum);
 }
 
 template <typename T>
-void nll_backward_typed(const Tensor& input, const Tensor& target, const Tensor& lse,
-                        const Tensor& row_weight, const Tensor& grad_input) {
+void nll_backward_typed(const Tensor& grad_loss, const Tensor& input, const Tensor& target,
+                        const Tensor& lse, Reduction reduction, int64_t ignore_index,
+                        const Tensor& grad_input) {
   using A = Acc<T>;
+  using V = Vectorized<A>;
+  constexpr int64_t kChunk = kChunkRows<T>;
   const int64_t rows = input.size(0), classes = input.size(1);
   const T* x = input.const_data_ptr<T>();
   const int64_t* t = target.const_data_ptr<int64_t>();
   const A* terms = lse.const_data_ptr<A>();  // [rows, 2]: max, log_sum
-  const A* weight = row_weight.const_data_ptr<A>();
+  const T* upstream = grad_loss.const_data_ptr<T>();
+  // One upstream gradient for 'mean' and 'sum', one per row (any stride) for 'none'.
+  const int64_t upstream_stride = reduction == Reduction::None ? grad_loss.stride(0) : 0;
+  A divisor = 1;
+  if (reduction == Reduction::Mean) {
+    int64_t counted = 0;
+    for (int64_t n = 0; n < rows; ++n) counted += t[n] != ignore_index;
+    divisor = static_cast<A>(std::max<int64_t>(counted, 1));
+  }
   T* gi = grad_input.data_ptr<T>();
-  at::parallel_for(0, rows, rows_per_task(classes), [&](int64_t begin, int64_t end) {
-    for (int64_t n = begin; n < end; ++n) {
-      const A w = weight[n], max = terms[2 * n], log_sum = terms[2 * n + 1];
-      const T* row = x + n * classes;
-      T* grad_row = gi + n * classes;
-      map_range([w, max, log_sum](auto v) {
-                  using V = decltype(v);
-                  return Math::nll_grad(v, V(max), V(log_sum), V(0), V(w));
-                },
-                classes, grad_row, row);
-      if (w != A(0)) {  // the target's own term (ignored rows have weight 0)
-        grad_row[t[n]] = static_cast<T>(
-            Math::nll_grad(static_cast<A>(row[t[n]]), max, log_sum, A(1), w));
+  // Long rows: the last classes % step elements as one partial vector (load_tail).
+  const int64_t body = classes - classes % V::size(), tail = classes - body;
+  // Rows [first, first + count), count <= kChunk.
+  auto chunk_grad = [&](int64_t first, int64_t count) {
+    // Per lane: the row's weight, log-sum-exp terms and logit of its target (0 past
+    // `count`, and for ignored rows, whose weight is 0).
+    alignas(64) A weight[kChunk] = {}, max[kChunk] = {}, log_sum[kChunk] = {},
+                  x_target[kChunk] = {};
+    for (int64_t i = 0; i < count; ++i) {
+      const int64_t n = first + i;
+      const bool counted = t[n] != ignore_index;
+      weight[i] = Math::nll_row_weight(static_cast<A>(upstream[n * upstream_stride]), counted,
+                                       divisor);
+      max[i] = terms[2 * n];
+      log_sum[i] = terms[2 * n + 1];
+      if (!counted) continue;
+      TORCH_CHECK_INDEX(t[n] >= 0 && t[n] < classes,
+                        "pyops._log_softmax_nll_loss_backward: target ", t[n],
+                        " is out of bounds for ", classes, " classes (row ", n, ")");
+      x_target[i] = static_cast<A>(x[n * classes + t[n]]);
+    }
+    // The target's own term of each row.
+    alignas(64) A grad_target[kChunk];
+    Math::nll_grad(V::loadu(x_target), V::loadu(max), V::loadu(log_sum), V(A(1)),
+                   V::loadu(weight))
+        .store(grad_target);
+    if (classes < ShortRows<T>::kLanes) {
+      ShortRows<T> tile(x + first * classes, classes, count);
+      const V vmax = V::loadu(max), vlog_sum = V::loadu(log_sum), vweight = V::loadu(weight);
+      for (int64_t c = 0; c < classes; ++c) {
+        Math::nll_grad(tile.column(c), vmax, vlog_sum, V(A(0)), vweight)
+            .store(tile.columns + c * ShortRows<T>::kLanes);
       }
+      for (int64_t i = 0; i < count; ++i) {
+        T* grad_row = gi + (first + i) * classes;
+        for (int64_t c = 0; c < classes; ++c) {
+          grad_row[c] = static_cast<T>(tile.columns[c * ShortRows<T>::kLanes + i]);
+        }
+      }
+    } else {
+      for (int64_t i = 0; i < count; ++i) {
+        const T* row = x + (first + i) * classes;
+        T* grad_row = gi + (first + i) * classes;
+        const auto grad = [w = weight[i], m = max[i], s = log_sum[i]](auto v) {
+          using W = decltype(v);
+          return Math::nll_grad(v, W(m), W(s), W(0), W(w));
+        };
+        map_range(grad, body, grad_row, row);
+        if (tail > 0) store_tail(grad_row + body, grad(load_tail(row + body, tail, A(0))), tail);
+      }
+    }
+    for (int64_t i = 0; i < count; ++i) {
+      const int64_t n = first + i;
+      if (t[n] != ignore_index) gi[n * classes + t[n]] = static_cast<T>(grad_target[i]);
+    }
+  };
+  at::parallel_for(0, rows, rows_per_task(classes), [&](int64_t begin, int64_t end) {
+    for (int64_t first = begin; first < end; first += kChunk) {
+      chunk_grad(first, std::min(kChunk, end - first));
     }
   });
 }
@@ -276,16 +447,18 @@ void log_softmax_backward(const Tensor& grad_output, const Tensor& output,
 }
 
 void nll_forward(const Tensor& input, const Tensor& target, int64_t ignore_index,
-                 const Tensor& row_loss, const Tensor& lse) {
+                 Reduction reduction, const Tensor& loss, const Tensor& lse) {
   PYOPS_DISPATCH_FLOATING(input.scalar_type(), "pyops_log_softmax_nll_cpu", [&] {
-    nll_forward_typed<scalar_t>(input, target, ignore_index, row_loss, lse);
+    nll_forward_typed<scalar_t>(input, target, ignore_index, reduction, loss, lse);
   });
 }
 
-void nll_backward(const Tensor& input, const Tensor& target, const Tensor& lse,
-                  const Tensor& row_weight, const Tensor& grad_input) {
+void nll_backward(const Tensor& grad_loss, const Tensor& input, const Tensor& target,
+                  const Tensor& lse, Reduction reduction, int64_t ignore_index,
+                  const Tensor& grad_input) {
   PYOPS_DISPATCH_FLOATING(input.scalar_type(), "pyops_log_softmax_nll_backward_cpu", [&] {
-    nll_backward_typed<scalar_t>(input, target, lse, row_weight, grad_input);
+    nll_backward_typed<scalar_t>(grad_loss, input, target, lse, reduction, ignore_index,
+                                 grad_input);
   });
 }
 

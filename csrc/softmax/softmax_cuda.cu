@@ -5,6 +5,7 @@
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
 #include <c10/cuda/CUDAGuard.h>
 
 #include <limits>
@@ -123,10 +124,11 @@ __global__ void log_softmax_backward_columns_kernel(const T* grad, const T* outp
   }
 }
 
-template <typename T>
+// Row losses (0 for ignored rows) into `row_loss`: the loss itself for 'none' (Out = T),
+// the compute type for the sum that nll_reduce_kernel takes next.
+template <typename T, typename Out>
 __global__ void nll_forward_kernel_impl(const T* input, const int64_t* target, int64_t rows,
-                                        int64_t classes, int64_t ignore_index,
-                                        at::opmath_type<T>* row_loss,
+                                        int64_t classes, int64_t ignore_index, Out* row_loss,
                                         at::opmath_type<T>* lse_terms) {
   using A = at::opmath_type<T>;
   __shared__ A scratch[kThreadsPerBlock];
@@ -138,33 +140,68 @@ __global__ void nll_forward_kernel_impl(const T* input, const int64_t* target, i
       lse_terms[2 * n] = lse.max;
       lse_terms[2 * n + 1] = lse.log_sum;
       if (t == ignore_index) {
-        row_loss[n] = A(0);
+        row_loss[n] = Out(0);
       } else {
         CUDA_KERNEL_ASSERT(t >= 0 && t < classes && "pyops.log_softmax_nll_loss: target out of bounds");
         // Never read out of bounds, even where device asserts are compiled out.
-        row_loss[n] = (t >= 0 && t < classes)
-                          ? Math::nll_loss(static_cast<A>(row[t]), lse.max, lse.log_sum)
-                          : std::numeric_limits<A>::quiet_NaN();
+        row_loss[n] = static_cast<Out>(
+            (t >= 0 && t < classes) ? Math::nll_loss(static_cast<A>(row[t]), lse.max, lse.log_sum)
+                                    : std::numeric_limits<A>::quiet_NaN());
       }
     }
   }
 }
 
+// 'mean' or 'sum' of the row losses, by one block: each thread sums a fixed stride of
+// rows, then a fixed tree over the threads (deterministic).
 template <typename T>
-__global__ void nll_backward_kernel_impl(const T* input, const int64_t* target,
-                                         const at::opmath_type<T>* lse_terms,
-                                         const at::opmath_type<T>* row_weight, int64_t rows,
+__global__ void nll_reduce_kernel(const at::opmath_type<T>* row_loss, const int64_t* target,
+                                  int64_t rows, int64_t ignore_index, bool mean, T* loss) {
+  __shared__ NllLossSum scratch[kThreadsPerBlock];
+  NllLossSum sum = 0, counted = 0;
+  for (int64_t n = threadIdx.x; n < rows; n += blockDim.x) {
+    sum += static_cast<NllLossSum>(row_loss[n]);
+    counted += target[n] != ignore_index ? 1 : 0;
+  }
+  sum = cuda::sum_over_rows(sum, scratch, threadIdx.x, blockDim.x, 0, 1);
+  counted = cuda::sum_over_rows(counted, scratch, threadIdx.x, blockDim.x, 0, 1);
+  // 'mean' of no counted row: 0 / 0 = NaN, as in torch.
+  if (threadIdx.x == 0) *loss = static_cast<T>(mean ? sum / counted : sum);
+}
+
+// nll_row_weight's divisor for 'mean': the count of rows not ignored, at least 1.
+template <typename A>
+__global__ void nll_mean_divisor_kernel(const int64_t* target, int64_t rows,
+                                        int64_t ignore_index, A* divisor) {
+  __shared__ NllLossSum scratch[kThreadsPerBlock];
+  NllLossSum counted = 0;
+  for (int64_t n = threadIdx.x; n < rows; n += blockDim.x) {
+    counted += target[n] != ignore_index ? 1 : 0;
+  }
+  counted = cuda::sum_over_rows(counted, scratch, threadIdx.x, blockDim.x, 0, 1);
+  if (threadIdx.x == 0) *divisor = static_cast<A>(counted > 1 ? counted : NllLossSum(1));
+}
+
+// `divisor` is null but for 'mean'; `upstream_stride` is 0 but for 'none'.
+template <typename T>
+__global__ void nll_backward_kernel_impl(const T* upstream, int64_t upstream_stride,
+                                         const at::opmath_type<T>* divisor, const T* input,
+                                         const int64_t* target, int64_t ignore_index,
+                                         const at::opmath_type<T>* lse_terms, int64_t rows,
                                          int64_t classes, T* grad_input) {
   using A = at::opmath_type<T>;
   const int64_t n_elements = rows * classes;
   const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
+  const A row_divisor = divisor == nullptr ? A(1) : *divisor;
   for (int64_t e = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; e < n_elements;
        e += stride) {
     const int64_t n = e / classes, c = e % classes;
-    const A is_target = target[n] == c ? A(1) : A(0);
+    const bool counted = target[n] != ignore_index;
+    const A weight = Math::nll_row_weight(static_cast<A>(upstream[n * upstream_stride]), counted,
+                                          row_divisor);
+    const A is_target = counted && target[n] == c ? A(1) : A(0);
     grad_input[e] = static_cast<T>(Math::nll_grad(static_cast<A>(input[e]), lse_terms[2 * n],
-                                                  lse_terms[2 * n + 1], is_target,
-                                                  row_weight[n]));
+                                                  lse_terms[2 * n + 1], is_target, weight));
   }
 }
 
@@ -210,30 +247,53 @@ void log_softmax_backward(const Tensor& grad_output, const Tensor& output,
 }
 
 void nll_forward(const Tensor& input, const Tensor& target, int64_t ignore_index,
-                 const Tensor& row_loss, const Tensor& lse) {
+                 Reduction reduction, const Tensor& loss, const Tensor& lse) {
   const c10::cuda::CUDAGuard device_guard(input.device());
+  const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
   const int64_t rows = input.size(0), classes = input.size(1);
   PYOPS_DISPATCH_FLOATING(input.scalar_type(), "pyops_log_softmax_nll_cuda", [&] {
     using A = at::opmath_type<scalar_t>;
-    nll_forward_kernel_impl<<<row_blocks(rows), kThreadsPerBlock, 0,
-                              at::cuda::getCurrentCUDAStream()>>>(
-        input.const_data_ptr<scalar_t>(), target.const_data_ptr<int64_t>(), rows, classes,
-        ignore_index, row_loss.data_ptr<A>(), lse.data_ptr<A>());
+    const scalar_t* x = input.const_data_ptr<scalar_t>();
+    const int64_t* t = target.const_data_ptr<int64_t>();
+    if (reduction == Reduction::None) {
+      nll_forward_kernel_impl<<<row_blocks(rows), kThreadsPerBlock, 0, stream>>>(
+          x, t, rows, classes, ignore_index, loss.data_ptr<scalar_t>(), lse.data_ptr<A>());
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      return;
+    }
+    const Tensor row_loss = at::empty({rows}, lse.options());
+    nll_forward_kernel_impl<<<row_blocks(rows), kThreadsPerBlock, 0, stream>>>(
+        x, t, rows, classes, ignore_index, row_loss.data_ptr<A>(), lse.data_ptr<A>());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    nll_reduce_kernel<<<1, kThreadsPerBlock, 0, stream>>>(
+        row_loss.const_data_ptr<A>(), t, rows, ignore_index, reduction == Reduction::Mean,
+        loss.data_ptr<scalar_t>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
 }
 
-void nll_backward(const Tensor& input, const Tensor& target, const Tensor& lse,
-                  const Tensor& row_weight, const Tensor& grad_input) {
+void nll_backward(const Tensor& grad_loss, const Tensor& input, const Tensor& target,
+                  const Tensor& lse, Reduction reduction, int64_t ignore_index,
+                  const Tensor& grad_input) {
   const c10::cuda::CUDAGuard device_guard(input.device());
+  const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
   const int64_t rows = input.size(0), classes = input.size(1);
+  const int64_t upstream_stride = reduction == Reduction::None ? grad_loss.stride(0) : 0;
   PYOPS_DISPATCH_FLOATING(input.scalar_type(), "pyops_log_softmax_nll_backward_cuda", [&] {
     using A = at::opmath_type<scalar_t>;
-    nll_backward_kernel_impl<<<cuda::blocks_for(rows * classes), kThreadsPerBlock, 0,
-                               at::cuda::getCurrentCUDAStream()>>>(
-        input.const_data_ptr<scalar_t>(), target.const_data_ptr<int64_t>(),
-        lse.const_data_ptr<A>(), row_weight.const_data_ptr<A>(), rows, classes,
-        grad_input.data_ptr<scalar_t>());
+    const int64_t* t = target.const_data_ptr<int64_t>();
+    Tensor divisor;
+    if (reduction == Reduction::Mean) {
+      divisor = at::empty({}, lse.options());
+      nll_mean_divisor_kernel<<<1, kThreadsPerBlock, 0, stream>>>(t, rows, ignore_index,
+                                                                   divisor.data_ptr<A>());
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    }
+    nll_backward_kernel_impl<<<cuda::blocks_for(rows * classes), kThreadsPerBlock, 0, stream>>>(
+        grad_loss.const_data_ptr<scalar_t>(), upstream_stride,
+        divisor.defined() ? divisor.const_data_ptr<A>() : nullptr,
+        input.const_data_ptr<scalar_t>(), t, ignore_index, lse.const_data_ptr<A>(), rows,
+        classes, grad_input.data_ptr<scalar_t>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
 }

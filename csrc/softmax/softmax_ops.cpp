@@ -8,9 +8,7 @@
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/empty_like.h>
-#include <ATen/ops/clamp_min.h>
 #include <ATen/ops/exp.h>
-#include <ATen/ops/full.h>
 #include <ATen/ops/ne.h>
 #include <ATen/ops/nonzero.h>
 #include <ATen/ops/sum.h>
@@ -18,11 +16,11 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <limits>
 
 #include "common/checks.h"
 #include "common/memory.h"
 #include "common/operators.h"
-#include "common/registration.h"
 #include "softmax/softmax.h"
 
 namespace pyops::softmax {
@@ -83,8 +81,6 @@ Tensor log_softmax_backward_impl(const Tensor& grad_output, const Tensor& output
   return grad_input;
 }
 
-enum class Reduction { None, Mean, Sum };
-
 Reduction parse_reduction(c10::string_view name, const char* op) {
   if (name == "mean") return Reduction::Mean;
   if (name == "sum") return Reduction::Sum;
@@ -117,30 +113,26 @@ std::tuple<Tensor, Tensor> nll_impl(const Tensor& self, const Tensor& target_arg
   const Reduction reduction = parse_reduction(reduction_name, op);
   Tensor input = self.contiguous();
   Tensor target = target_arg.contiguous();
-  const auto acc_options = input.options().dtype(compute_type(input));
-  Tensor row_loss = at::empty({input.size(0)}, acc_options);
-  Tensor lse = at::empty({input.size(0), 2}, acc_options);  // (max, log_sum) per row
+  const int64_t rows = input.size(0);
+  // The kernel writes the loss itself, reduced ('mean', 'sum') in a fixed order.
+  Tensor loss = reduction == Reduction::None ? at::empty({rows}, input.options())
+                                             : at::empty({}, input.options());
+  Tensor lse = at::empty({rows, 2}, input.options().dtype(compute_type(input)));
   if (input.numel() > 0) {
-    nll_forward_kernel(input.device().type())(input, target, ignore_index, row_loss, lse);
-  } else {
-    // No classes: every target that is not ignored is out of bounds (torch raises too).
-    const Tensor counted = at::ne(target, ignore_index);
-    if (input.size(0) > 0 && counted.any().item<bool>()) {
-      const int64_t row = at::nonzero(counted)[0][0].item<int64_t>();
-      TORCH_CHECK_INDEX(false, op, ": target ", target[row].item<int64_t>(),
-                        " is out of bounds for 0 classes (row ", row, ")");
-    }
-    row_loss.zero_();
-    lse.fill_(-std::numeric_limits<double>::infinity());
+    nll_forward_kernel(input.device().type())(input, target, ignore_index, reduction, loss, lse);
+    return {loss, lse};
   }
-  Tensor loss;
-  switch (reduction) {
-    case Reduction::None: loss = row_loss; break;
-    case Reduction::Sum: loss = row_loss.sum(); break;
-    // Like torch: the mean over rows that are not ignored (NaN when there are none).
-    case Reduction::Mean: loss = row_loss.sum() / at::ne(target, ignore_index).sum(); break;
+  // No classes: every target that is not ignored is out of bounds (torch raises too).
+  const Tensor counted = at::ne(target, ignore_index);
+  if (rows > 0 && counted.any().item<bool>()) {
+    const int64_t row = at::nonzero(counted)[0][0].item<int64_t>();
+    TORCH_CHECK_INDEX(false, op, ": target ", target[row].item<int64_t>(),
+                      " is out of bounds for 0 classes (row ", row, ")");
   }
-  return {loss.to(input.scalar_type()), lse};
+  // Every row ignored, or none at all: the mean is 0 / 0, as in torch.
+  loss.fill_(reduction == Reduction::Mean ? std::numeric_limits<double>::quiet_NaN() : 0.0);
+  lse.fill_(-std::numeric_limits<double>::infinity());
+  return {loss, lse};
 }
 
 Tensor nll_backward_impl(const Tensor& grad_loss, const Tensor& self, const Tensor& target_arg,
@@ -149,6 +141,7 @@ Tensor nll_backward_impl(const Tensor& grad_loss, const Tensor& self, const Tens
   constexpr const char* op = "pyops._log_softmax_nll_loss_backward";
   check_nll_args(self, target_arg, op);
   check_floating(grad_loss, "grad_loss", op);
+  check_same_device(grad_loss, "grad_loss", self, "input", op);
   const Reduction reduction = parse_reduction(reduction_name, op);
   Tensor input = self.contiguous();
   Tensor target = target_arg.contiguous();
@@ -157,16 +150,25 @@ Tensor nll_backward_impl(const Tensor& grad_loss, const Tensor& self, const Tens
                   lse.scalar_type() == acc,
               op, ": expected lse of shape (", input.size(0), ", 2) and dtype ", acc, ", got ",
               lse.sizes(), " ", lse.scalar_type());
-  // Each row's weight: the upstream gradient of its loss, zero where ignored.
-  Tensor valid = at::ne(target, ignore_index).to(acc);
-  Tensor upstream = grad_loss.to(acc);
-  // With every row ignored the mean is NaN, but no row has a gradient (as in torch).
-  if (reduction == Reduction::Mean) upstream = upstream / valid.sum().clamp_min(1);
-  Tensor row_weight = (upstream * valid).contiguous();
-  Tensor grad_input = with_huge_pages(at::empty_like(input, at::MemoryFormat::Contiguous));
+  check_same_device(lse, "lse", self, "input", op);
+  if (reduction == Reduction::None) {
+    TORCH_CHECK(grad_loss.dim() == 1 && grad_loss.size(0) == input.size(0), op,
+                ": expected grad_loss of shape (", input.size(0), ",) for reduction='none', got ",
+                grad_loss.sizes());
+  } else {
+    TORCH_CHECK(grad_loss.numel() == 1, op, ": expected grad_loss of one element for reduction='",
+                std::string(reduction_name), "', got shape ", grad_loss.sizes());
+  }
+  // The kernel reads grad_loss in input's dtype, through its stride (autograd hands
+  // 'none' losses that were summed an expanded gradient).
+  const Tensor upstream = grad_loss.scalar_type() == input.scalar_type()
+                              ? grad_loss
+                              : grad_loss.to(input.scalar_type());
+  // input is contiguous: at::empty, one dispatch fewer than empty_like.
+  Tensor grad_input = with_huge_pages(at::empty(input.sizes(), input.options()));
   if (input.numel() > 0) {
-    nll_backward_kernel(input.device().type())(input, target, lse.contiguous(), row_weight,
-                                               grad_input);
+    nll_backward_kernel(input.device().type())(upstream, input, target, lse.contiguous(),
+                                               reduction, ignore_index, grad_input);
   }
   return grad_input;
 }
@@ -241,30 +243,44 @@ Tensor log_softmax_backward_autograd(const Tensor& grad, const Tensor& output, i
 using NllSignature = std::tuple<Tensor, Tensor>(const Tensor&, const Tensor&, c10::string_view,
                                                 int64_t);
 
+c10::string_view reduction_name(Reduction reduction) {
+  switch (reduction) {
+    case Reduction::None: return "none";
+    case Reduction::Sum: return "sum";
+    case Reduction::Mean: break;
+  }
+  return "mean";
+}
+
+using NllBackwardSignature = Tensor(const Tensor&, const Tensor&, const Tensor&, const Tensor&,
+                                    c10::string_view, int64_t);
+
+// The Function's one output is the loss; lse, which has no gradient, leaves through
+// `lse_out` (fewer outputs for autograd to wrap, and no zeros for lse's gradient).
 struct NllFunction : torch::autograd::Function<NllFunction> {
-  static variable_list forward(AutogradContext* ctx, const Tensor& input, const Tensor& target,
-                               c10::string_view reduction, int64_t ignore_index) {
+  static Tensor forward(AutogradContext* ctx, const Tensor& input, const Tensor& target,
+                        c10::string_view reduction, int64_t ignore_index, Tensor* lse_out) {
     static auto op = op_handle<NllSignature>("pyops::log_softmax_nll_loss");
     std::tuple<Tensor, Tensor> result;
     {
       at::AutoDispatchBelowADInplaceOrView guard;
       result = op.call(input, target, reduction, ignore_index);
     }
-    ctx->mark_non_differentiable({std::get<1>(result)});
-    ctx->save_for_backward({input, target, std::get<1>(result)});
-    ctx->saved_data["reduction"] = std::string(reduction);
+    *lse_out = std::get<1>(result);
+    ctx->save_for_backward({input, target, *lse_out});
+    // Saved as an enum, not a string: no allocation per call.
+    ctx->saved_data["reduction"] =
+        static_cast<int64_t>(parse_reduction(reduction, "pyops.log_softmax_nll_loss"));
     ctx->saved_data["ignore_index"] = ignore_index;
-    return {std::get<0>(result), std::get<1>(result)};
+    return std::get<0>(result);
   }
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
-    static auto op = op_handle<Tensor(const Tensor&, const Tensor&, const Tensor&, const Tensor&,
-                                      c10::string_view, int64_t)>(
-        "pyops::_log_softmax_nll_loss_backward");
+    static auto op = op_handle<NllBackwardSignature>("pyops::_log_softmax_nll_loss_backward");
     const auto saved = ctx->get_saved_variables();
-    const std::string reduction = ctx->saved_data["reduction"].toStringRef();
-    return {op.call(grads[0], saved[0], saved[1], saved[2], reduction,
+    const auto reduction = static_cast<Reduction>(ctx->saved_data["reduction"].toInt());
+    return {op.call(grads[0], saved[0], saved[1], saved[2], reduction_name(reduction),
                     ctx->saved_data["ignore_index"].toInt()),
-            Tensor(), Tensor(), Tensor()};
+            Tensor(), Tensor(), Tensor(), Tensor()};
   }
 };
 
@@ -275,8 +291,22 @@ std::tuple<Tensor, Tensor> nll_autograd(const Tensor& input, const Tensor& targe
     at::AutoDispatchBelowADInplaceOrView guard;
     return op.call(input, target, reduction, ignore_index);
   }
-  auto outputs = NllFunction::apply(input, target, reduction, ignore_index);
-  return {outputs[0], outputs[1]};
+  Tensor lse;
+  Tensor loss = NllFunction::apply(input, target, reduction, ignore_index, &lse);
+  return {loss, lse};
+}
+
+// The fused loss has no double backward: a backward that would record one raises.
+Tensor nll_backward_autograd(const Tensor& grad_loss, const Tensor& input, const Tensor& target,
+                             const Tensor& lse, c10::string_view reduction,
+                             int64_t ignore_index) {
+  TORCH_CHECK(!any_requires_grad({&grad_loss, &input, &lse}),
+              "pyops.log_softmax_nll_loss has no double backward: its backward was called with "
+              "grad mode on and an argument that requires grad (create_graph=True?); use "
+              "torch.nn.functional.cross_entropy where a second derivative is needed");
+  static auto op = op_handle<NllBackwardSignature>("pyops::_log_softmax_nll_loss_backward");
+  at::AutoDispatchBelowADInplaceOrView guard;
+  return op.call(grad_loss, input, target, lse, reduction, ignore_index);
 }
 
 }  // namespace
@@ -310,8 +340,7 @@ TORCH_LIBRARY_IMPL(pyops, Autograd, m) {
   m.impl("log_softmax", log_softmax_autograd);
   m.impl("_log_softmax_backward", log_softmax_backward_autograd);
   m.impl("log_softmax_nll_loss", nll_autograd);
-  // The fused loss has no double backward: asking for one raises a clear error.
-  m.impl("_log_softmax_nll_loss_backward", not_differentiable_kernel());
+  m.impl("_log_softmax_nll_loss_backward", nll_backward_autograd);
 }
 
 }  // namespace pyops::softmax

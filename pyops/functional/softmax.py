@@ -4,7 +4,11 @@ log_softmax + nll_loss (a pyops extra, the seed network's output and loss)."""
 import warnings
 
 import torch
-from torch.overrides import handle_torch_function, has_torch_function, has_torch_function_unary
+from torch.overrides import (
+    handle_torch_function,
+    has_torch_function_unary,
+    has_torch_function_variadic,
+)
 
 _log_softmax = torch.ops.pyops.log_softmax.default
 _log_softmax_nll_loss = torch.ops.pyops.log_softmax_nll_loss.default
@@ -41,12 +45,13 @@ def log_softmax_nll_loss(input, target, reduction="mean", ignore_index=-100):
     backward keeps each row's log-sum-exp (as its max and the log of its sum of
     exponentials) instead of the (N, C) log-probabilities.
     """
-    if has_torch_function((input, target)):
+    # The seed network's loss takes microseconds: keep the Python around the call thin.
+    if has_torch_function_variadic(input, target):
         return handle_torch_function(
             log_softmax_nll_loss, (input, target), input, target, reduction=reduction,
             ignore_index=ignore_index,
         )
-    if input.dim() == 1 and target.dim() == 0:  # unbatched, as torch accepts
+    if target.dim() == 0 and input.dim() == 1:  # unbatched, as torch accepts
         loss = _log_softmax_nll_loss(input.unsqueeze(0), target.unsqueeze(0), reduction,
                                      ignore_index)[0]
         return loss.squeeze(0) if reduction == "none" else loss
