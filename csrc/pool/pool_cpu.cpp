@@ -834,19 +834,28 @@ void arg_backward_gather_channels_last(const Geometry& g, const T* go,
   const int64_t C = g.channels;
   gather_channels_last(g, gi, [&](int64_t n, const std::vector<WindowTap>& rows,
                                   const std::vector<WindowTap>& cols, T* gi_pixel) {
-    int64_t c = 0;
-    for (; c + kLanes <= C; c += kLanes) {
-      Vec sum(Acc(0));
+    // kBlock channel vectors at once: independent sums (as the forward's reduce_block).
+    auto gather_block = [&](int64_t c, auto block) {
+      constexpr int64_t kBlock = decltype(block)::value;
+      std::array<Vec, kBlock> sum;
+      sum.fill(Vec(Acc(0)));
       for (const WindowTap& r : rows) {
         for (const WindowTap& w : cols) {
           const int64_t o = ((n * g.out_h + r.window) * g.out_w + w.window) * C + c;
-          const Vec hit =
-              load_offsets<Acc>(idx + o) == Vec(static_cast<Acc>(r.tap * g.kernel_w + w.tap));
-          sum = sum + (load_acc(go + o) & hit);
+          const Vec tap(static_cast<Acc>(r.tap * g.kernel_w + w.tap));
+          for (int64_t b = 0; b < kBlock; ++b) {
+            const Vec hit = load_offsets<Acc>(idx + o + b * kLanes) == tap;
+            sum[b] = sum[b] + (load_acc(go + o + b * kLanes) & hit);
+          }
         }
       }
-      store_acc(gi_pixel + c, sum);
+      for (int64_t b = 0; b < kBlock; ++b) store_acc(gi_pixel + c + b * kLanes, sum[b]);
+    };
+    int64_t c = 0;
+    for (; c + 4 * kLanes <= C; c += 4 * kLanes) {
+      gather_block(c, std::integral_constant<int64_t, 4>{});
     }
+    for (; c + kLanes <= C; c += kLanes) gather_block(c, std::integral_constant<int64_t, 1>{});
     for (; c < C; ++c) {
       Acc sum(0);
       for (const WindowTap& r : rows) {
