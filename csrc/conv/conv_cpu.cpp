@@ -19,6 +19,7 @@
 
 #include <algorithm>
 #include <atomic>
+#include <cstdint>
 #include <cstring>
 #include <type_traits>
 #include <vector>
@@ -132,6 +133,53 @@ void stage_plane(const T* src, const DirectPlan& p, Acc* dst) {
   }
   std::fill(out, dst + total, Acc(0));
 }
+
+// Stores lanes [lo, hi) of `value` so that lane lo lands on dst (lane l on dst + l - lo).
+// With AVX-512 this is one masked store at dst - lo: masked-off lanes are neither written
+// nor checked for faults.
+template <typename Acc>
+inline void store_lanes(const Vectorized<Acc>& value, Acc* dst, int64_t lo, int64_t hi) {
+  if (lo == 0) return value.store(dst, static_cast<int>(hi));
+#if defined(CPU_CAPABILITY_AVX512)
+  // Integer arithmetic: dst - lo may point before the destination's allocation.
+  const auto lane0 = reinterpret_cast<std::uintptr_t>(dst) - lo * sizeof(Acc);
+  if constexpr (std::is_same_v<Acc, float>) {
+    const auto mask = static_cast<__mmask16>(((1u << hi) - 1) & ~((1u << lo) - 1));
+    return _mm512_mask_storeu_ps(reinterpret_cast<void*>(lane0), mask, value);
+  } else if constexpr (std::is_same_v<Acc, double>) {
+    const auto mask = static_cast<__mmask8>(((1u << hi) - 1) & ~((1u << lo) - 1));
+    return _mm512_mask_storeu_pd(reinterpret_cast<void*>(lane0), mask, value);
+  }
+#endif
+  Acc lanes[Vectorized<Acc>::size()];
+  value.store(lanes);
+  std::copy(lanes + lo, lanes + hi, dst);
+}
+
+// `lanes` consecutive wide columns from wide column `first` (row pitch staged_w, of which
+// the first out_w columns are real outputs) as runs of lanes in output rows: a vector
+// that crosses a row end writes one masked store per row it touches and skips the
+// discarded columns, with no scalar copy.
+struct WideSpan {
+  int64_t first_row, first_start, lanes, pitch, out_w, out_h;
+  WideSpan(const DirectPlan& p, int64_t first, int64_t lane_count)
+      : first_row(first / p.staged_w()),
+        first_start(-(first % p.staged_w())),
+        lanes(lane_count),
+        pitch(p.staged_w()),
+        out_w(p.out_w),
+        out_h(p.out_h) {}
+
+  // Lane l of a run starting at `start` (l - start < out_w) is output column l - start.
+  template <typename Acc>
+  void store(const Vectorized<Acc>& value, Acc* plane) const {
+    int64_t row = first_row;
+    for (int64_t start = first_start; start < lanes && row < out_h; start += pitch, ++row) {
+      const int64_t lo = std::max<int64_t>(start, 0), hi = std::min(lanes, start + out_w);
+      if (lo < hi) store_lanes(value, plane + row * out_w + (lo - start), lo, hi);
+    }
+  }
+};
 
 // wide[j] = sum_{ic, kh, kw} weights[ic, kh, kw] * staged[ic][j + tap offset], for j up to
 // wide_len rounded up to whole vectors. Four vectors of outputs stay in registers across
@@ -789,31 +837,11 @@ template <typename TileT, typename Op>
 void store_wide(const TileT& acc, int rows, int64_t col0, int64_t cols, const DirectPlan& p,
                 float* out, const Op& op) {
   constexpr int64_t kV = gemm::kVec;
-  const int64_t wp = p.staged_w(), out_plane = p.out_h * p.out_w;
+  const int64_t out_plane = p.out_h * p.out_w;
   constexpr int vecs = sizeof(acc.v[0]) / sizeof(Vec);
   for (int v = 0; v < vecs && v * kV < cols; ++v) {
-    const int64_t first = col0 + v * kV;
-    const int64_t lanes = std::min(kV, cols - v * kV);
-    const int64_t oh = first / wp, ow = first % wp;
-    for (int i = 0; i < rows; ++i) {
-      float* plane = out + i * out_plane;
-      const Vec value = op(i, acc.v[i][v]);
-      if (ow + lanes <= p.out_w) {  // within one output row: the common case
-        value.store(plane + oh * p.out_w + ow, static_cast<int>(lanes));
-        continue;
-      }
-      float lane_values[kV];
-      value.store(lane_values);
-      for (int64_t lane = 0; lane < lanes;) {  // split at row ends, skip discarded columns
-        const int64_t c = first + lane, row = c / wp, col = c % wp;
-        const int64_t run = std::min(lanes - lane, wp - col);
-        if (col < p.out_w) {
-          const int64_t valid = std::min(run, p.out_w - col);
-          std::copy(lane_values + lane, lane_values + lane + valid, plane + row * p.out_w + col);
-        }
-        lane += run;
-      }
-    }
+    const WideSpan span(p, col0 + v * kV, std::min(kV, cols - v * kV));
+    for (int i = 0; i < rows; ++i) span.store(op(i, acc.v[i][v]), out + i * out_plane);
   }
 }
 
