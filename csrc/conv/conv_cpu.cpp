@@ -910,7 +910,11 @@ void implicit_forward(const Fn& fn, const DirectPlan& p, int64_t batch, int64_t 
   const WideStores<float> wide_stores(p);
   at::parallel_for(0, batch * groups * chunks, 1, [&](int64_t begin, int64_t end) {
     const WideStores<float>::View stores = wide_stores.view();
-    std::vector<float> staged(in_pg * stride);
+    // A last ragged strip of register tiles reads up to kStrip columns past the wide
+    // outputs: the next plane, or for the last one this zero slack, so the GEMM reads B
+    // in place (copying the strip cost a k x kStrip copy per task: 73 KB per sample of
+    // seed conv2).
+    std::vector<float> staged(in_pg * stride + kStrip);
     for (int64_t task = begin; task < end; ++task) {
       const int64_t ng = task / chunks, g = ng % groups;
       const int64_t o0 = (task % chunks) * chunk_rows, o1 = std::min(out_pg, o0 + chunk_rows);
@@ -923,7 +927,7 @@ void implicit_forward(const Fn& fn, const DirectPlan& p, int64_t batch, int64_t 
       const float* bias_o = bias ? bias + g * out_pg + o0 : nullptr;
       gemm::gemm_tiles(o1 - o0, p.wide_len(), k, weights + (g * out_pg + o0) * k,
                        gemm::StridedRows{k}, staged.data(), gemm::TableRows{offsets.data()},
-                       /*b_padded=*/false,
+                       /*b_padded=*/true,
                        [&](const auto& acc, int64_t row0, int rows, int64_t col0, int64_t cols) {
                          store_wide(acc, rows, col0, cols, stores, out_plane,
                                     out + row0 * out_plane,
