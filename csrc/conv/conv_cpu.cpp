@@ -1,13 +1,17 @@
 // CPU kernels of the convolution family, compiled once per CPU capability (setup.py).
-// Two paths, chosen per shape (use_direct below):
+// Paths, chosen per shape and dtype (choose_path, correlation_path below; the "conv"
+// bullet of docs/ARCHITECTURE.md):
 //   - direct: stride-1 convolutions where a group has few input or few output channels
-//     (the seed network's first layer, depthwise). The input planes of a group are staged
-//     zero-padded with row pitch Wp; the output is computed "wide" (Wp columns per row,
-//     the extra columns discarded), which turns the 2-D correlation into flat 1-D loops
-//     over contiguous memory that vectorize fully whatever the image width.
-//   - im2col + GEMM on ATen's GEMM (the BLAS torch links), per sample and group.
-// Both apply bias + activation (activation.h's functors) to each output plane or sample
-// right after computing it, while it is in cache.
+//     (depthwise; float32 forward passes only when they write few channels). The input
+//     planes of a group are staged zero-padded with row pitch Wp; the output is computed
+//     "wide" (Wp columns per row, the extra columns discarded), which turns the 2-D
+//     correlation into flat 1-D loops over contiguous memory that vectorize fully
+//     whatever the image width.
+//   - float32: an implicit GEMM over the same wide rows (stride 1), or im2col in column
+//     tiles, on pyops' register-tile GEMM (common/cpu_gemm.h).
+//   - other dtypes: im2col + ATen's GEMM (the BLAS torch links), per sample and group.
+// All apply bias + activation (activation.h's functors) to each output tile or plane
+// right after computing it, while it is in registers or cache.
 
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
