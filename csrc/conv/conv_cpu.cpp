@@ -304,9 +304,12 @@ void direct_forward(const Fn& fn, const DirectPlan& p, int64_t batch, int64_t gr
         const Acc b = bias ? static_cast<Acc>(bias[oc]) : Acc(0);
         if constexpr (std::is_same_v<T, Acc>) {
           // Bias + activation on each vector in registers, stored straight to its rows.
-          correlate_wide(p, in_per_group, staged.data(), stride, w, [&](int64_t j, Vec v) {
-            stores.store(j / kV, fn.forward(bias ? v + Vec(b) : v), out);
-          });
+          // The view by value: through a reference its pointers are reloaded after every
+          // store, which may alias them as far as the compiler knows.
+          correlate_wide(p, in_per_group, staged.data(), stride, w,
+                         [&, stores](int64_t j, Vec v) {
+                           stores.store(j / kV, fn.forward(bias ? v + Vec(b) : v), out);
+                         });
         } else {
           // Bias + activation over the whole wide buffer (full vectors, no per-row tails),
           // then the valid columns of each row are converted into the output.
@@ -885,10 +888,10 @@ std::vector<int64_t> tap_offsets(const DirectPlan& p, int64_t channels, int64_t 
 
 // Writes the real outputs among the wide columns of a register tile that starts at wide
 // column col0, through op(row, vector); row i goes to the output plane out + i * out_plane.
+// `stores` by value, for the reason given at WideStores::View.
 template <typename TileT, typename Op>
 void store_wide(const TileT& acc, int rows, int64_t col0, int64_t cols,
-                const WideStores<float>::View& stores, int64_t out_plane, float* out,
-                const Op& op) {
+                WideStores<float>::View stores, int64_t out_plane, float* out, const Op& op) {
   constexpr int64_t kV = gemm::kVec;
   constexpr int vecs = sizeof(acc.v[0]) / sizeof(Vec);
   for (int v = 0; v < vecs && v * kV < cols; ++v) {
