@@ -1,13 +1,17 @@
 // CPU kernels of the convolution family, compiled once per CPU capability (setup.py).
-// Two paths, chosen per shape (use_direct below):
+// Paths, chosen per shape and dtype (choose_path, correlation_path below; the "conv"
+// bullet of docs/ARCHITECTURE.md):
 //   - direct: stride-1 convolutions where a group has few input or few output channels
-//     (the seed network's first layer, depthwise). The input planes of a group are staged
-//     zero-padded with row pitch Wp; the output is computed "wide" (Wp columns per row,
-//     the extra columns discarded), which turns the 2-D correlation into flat 1-D loops
-//     over contiguous memory that vectorize fully whatever the image width.
-//   - im2col + GEMM on ATen's GEMM (the BLAS torch links), per sample and group.
-// Both apply bias + activation (activation.h's functors) to each output plane or sample
-// right after computing it, while it is in cache.
+//     (depthwise; float32 forward passes only when they write few channels). The input
+//     planes of a group are staged zero-padded with row pitch Wp; the output is computed
+//     "wide" (Wp columns per row, the extra columns discarded), which turns the 2-D
+//     correlation into flat 1-D loops over contiguous memory that vectorize fully
+//     whatever the image width.
+//   - float32: an implicit GEMM over the same wide rows (stride 1), or im2col in column
+//     tiles, on pyops' register-tile GEMM (common/cpu_gemm.h).
+//   - other dtypes: im2col + ATen's GEMM (the BLAS torch links), per sample and group.
+// All apply bias + activation (activation.h's functors) to each output tile or plane
+// right after computing it, while it is in registers or cache.
 
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
@@ -19,6 +23,7 @@
 
 #include <algorithm>
 #include <atomic>
+#include <cstdint>
 #include <cstring>
 #include <type_traits>
 #include <vector>
@@ -54,8 +59,10 @@ int64_t chunks_for(int64_t tasks, int64_t work) {
 
 // The direct path pays per input channel and output channel pair what GEMM amortizes;
 // it wins when a group has few of either (and needs stride 1 for its flat loops).
+constexpr int64_t kDirectMaxChannels = 4;
 bool use_direct(int64_t in_per_group, int64_t out_per_group, int64_t stride_h, int64_t stride_w) {
-  return stride_h == 1 && stride_w == 1 && std::min(in_per_group, out_per_group) <= 4;
+  return stride_h == 1 && stride_w == 1 &&
+         std::min(in_per_group, out_per_group) <= kDirectMaxChannels;
 }
 
 // ---- Epilogue ------------------------------------------------------------------------
@@ -133,12 +140,93 @@ void stage_plane(const T* src, const DirectPlan& p, Acc* dst) {
   std::fill(out, dst + total, Acc(0));
 }
 
-// wide[j] = sum_{ic, kh, kw} weights[ic, kh, kw] * staged[ic][j + tap offset], for j up to
-// wide_len rounded up to whole vectors. Four vectors of outputs stay in registers across
-// every input channel and tap.
+// Where the vectors of wide outputs go in an output plane (out_h x out_w). Vector v holds
+// wide columns [v * kV, (v + 1) * kV) (row pitch staged_w, of which the first out_w
+// columns are real outputs); it is cut into runs that each lie in one output row, so a
+// vector that crosses a row end is written with one masked store per row it touches,
+// skipping the discarded columns, with no scalar copy. The runs depend on the plan only:
+// they are worked out once per call and serve every plane and sample.
 template <typename Acc>
+class WideStores {
+  struct Run {
+    int64_t lane0;   // output index of lane 0 (lane l of the run goes to lane0 + l)
+    int32_t lo, hi;  // lanes [lo, hi)
+    uint32_t mask;   // bits [lo, hi)
+  };
+
+ public:
+  using Vec = Vectorized<Acc>;
+
+  explicit WideStores(const DirectPlan& p) {
+    constexpr int64_t kV = Vec::size();
+    const int64_t pitch = p.staged_w(), vectors = ceil_div(p.wide_len(), kV);
+    first_run_.reserve(vectors + 1);
+    for (int64_t v = 0; v < vectors; ++v) {
+      first_run_.push_back(static_cast<int64_t>(runs_.size()));
+      int64_t row = v * kV / pitch;
+      // Lane l of the row that starts at lane `start` is output column l - start.
+      for (int64_t start = -(v * kV % pitch); start < kV && row < p.out_h;
+           start += pitch, ++row) {
+        const int64_t lo = std::max<int64_t>(start, 0), hi = std::min(kV, start + p.out_w);
+        if (lo < hi) {
+          const uint32_t mask = ((uint32_t{1} << hi) - 1) & ~((uint32_t{1} << lo) - 1);
+          runs_.push_back(Run{row * p.out_w - start, static_cast<int32_t>(lo),
+                              static_cast<int32_t>(hi), mask});
+        }
+      }
+    }
+    first_run_.push_back(static_cast<int64_t>(runs_.size()));
+  }
+
+  // The runs as plain pointers, for a caller's locals: stores through an Acc* may alias
+  // the members of this object (as far as the compiler knows), so a store() on the object
+  // itself would reload them after every write.
+  struct View {
+    const Run* runs;
+    const int64_t* first_run;
+
+    // Writes the real outputs of wide vector v to `plane`.
+    void store(int64_t v, const Vec& value, Acc* plane) const {
+      for (const Run* run = runs + first_run[v]; run != runs + first_run[v + 1]; ++run) {
+#if defined(CPU_CAPABILITY_AVX512)
+        if constexpr (std::is_same_v<Acc, float> || std::is_same_v<Acc, double>) {
+          // One masked store at lane 0's address, in integer arithmetic: it may lie before
+          // the output. Masked-off lanes are neither written nor checked for faults.
+          void* lane0 = reinterpret_cast<void*>(reinterpret_cast<std::uintptr_t>(plane) +
+                                                run->lane0 * static_cast<int64_t>(sizeof(Acc)));
+          if constexpr (std::is_same_v<Acc, float>) {
+            _mm512_mask_storeu_ps(lane0, static_cast<__mmask16>(run->mask), value);
+          } else {
+            _mm512_mask_storeu_pd(lane0, static_cast<__mmask8>(run->mask), value);
+          }
+          continue;
+        }
+#endif
+        Acc* dst = plane + run->lane0 + run->lo;  // where lane lo goes
+        if (run->lo == 0) {
+          value.store(dst, static_cast<int>(run->hi));
+        } else {
+          Acc all[Vec::size()];
+          value.store(all);
+          std::copy(all + run->lo, all + run->hi, dst);
+        }
+      }
+    }
+  };
+
+  View view() const { return View{runs_.data(), first_run_.data()}; }
+
+ private:
+  std::vector<Run> runs_;
+  std::vector<int64_t> first_run_;  // vector v's runs are [first_run_[v], first_run_[v + 1])
+};
+
+// store(j, vector of wide[j, j + kV)) for wide[j] = sum_{ic, kh, kw} weights[ic, kh, kw] *
+// staged[ic][j + tap offset], j a multiple of kV up to wide_len rounded up to whole
+// vectors. Four vectors of outputs stay in registers across every input channel and tap.
+template <typename Acc, typename Store>
 void correlate_wide(const DirectPlan& p, int64_t channels, const Acc* staged, int64_t stride,
-                    const Acc* weights, Acc* wide) {
+                    const Acc* weights, const Store& store) {
   using Vec = Vectorized<Acc>;
   constexpr int64_t kV = Vec::size();
   const int64_t wp = p.staged_w(), taps = p.kernel_h * p.kernel_w;
@@ -160,10 +248,10 @@ void correlate_wide(const DirectPlan& p, int64_t channels, const Acc* staged, in
         }
       }
     }
-    a0.store(wide + j);
-    a1.store(wide + j + kV);
-    a2.store(wide + j + 2 * kV);
-    a3.store(wide + j + 3 * kV);
+    store(j, a0);
+    store(j + kV, a1);
+    store(j + 2 * kV, a2);
+    store(j + 3 * kV, a3);
   }
   for (; j < len; j += kV) {
     Vec a(Acc(0));
@@ -177,7 +265,7 @@ void correlate_wide(const DirectPlan& p, int64_t channels, const Acc* staged, in
         }
       }
     }
-    a.store(wide + j);
+    store(j, a);
   }
 }
 
@@ -195,9 +283,13 @@ void direct_forward(const Fn& fn, const DirectPlan& p, int64_t batch, int64_t gr
   const int64_t chunk = ceil_div(out_per_group, chunks);
   const int64_t in_plane = p.src_h * p.src_w, out_plane = p.out_h * p.out_w;
   const int64_t wp = p.staged_w();
+  using Vec = Vectorized<Acc>;
+  constexpr int64_t kV = Vec::size();
+  const WideStores<Acc> wide_stores(p);
   at::parallel_for(0, batch * groups * chunks, 1, [&](int64_t begin, int64_t end) {
+    const typename WideStores<Acc>::View stores = wide_stores.view();
     std::vector<Acc> staged(in_per_group * stride);
-    std::vector<Acc> wide(round_up(p.wide_len(), Vectorized<Acc>::size()));
+    std::vector<Acc> wide(std::is_same_v<T, Acc> ? 0 : round_up(p.wide_len(), kV));
     for (int64_t task = begin; task < end; ++task) {
       const int64_t c = task % chunks, ng = task / chunks, g = ng % groups, n = ng / groups;
       const T* src = input + (n * groups + g) * in_per_group * in_plane;
@@ -207,16 +299,27 @@ void direct_forward(const Fn& fn, const DirectPlan& p, int64_t batch, int64_t gr
       const int64_t oc_end = std::min(out_per_group, (c + 1) * chunk);
       for (int64_t o = c * chunk; o < oc_end; ++o) {
         const int64_t oc = g * out_per_group + o;
-        correlate_wide(p, in_per_group, staged.data(), stride, weights + oc * in_per_group * taps,
-                       wide.data());
+        const Acc* w = weights + oc * in_per_group * taps;
         T* out = output + (n * groups * out_per_group + oc) * out_plane;
-        // Bias + activation over the whole wide buffer (full vectors, no per-row tails),
-        // then the valid columns of each row are copied out.
         const Acc b = bias ? static_cast<Acc>(bias[oc]) : Acc(0);
-        finish_row_inplace<Acc>(fn, bias != nullptr, b, wide.data(),
-                                static_cast<int64_t>(wide.size()));
-        for (int64_t oh = 0; oh < p.out_h; ++oh) {
-          std::copy(wide.data() + oh * wp, wide.data() + oh * wp + p.out_w, out + oh * p.out_w);
+        if constexpr (std::is_same_v<T, Acc>) {
+          // Bias + activation on each vector in registers, stored straight to its rows.
+          // The view by value: through a reference its pointers are reloaded after every
+          // store, which may alias them as far as the compiler knows.
+          correlate_wide(p, in_per_group, staged.data(), stride, w,
+                         [&, stores](int64_t j, Vec v) {
+                           stores.store(j / kV, fn.forward(bias ? v + Vec(b) : v), out);
+                         });
+        } else {
+          // Bias + activation over the whole wide buffer (full vectors, no per-row tails),
+          // then the valid columns of each row are converted into the output.
+          correlate_wide(p, in_per_group, staged.data(), stride, w,
+                         [&](int64_t j, Vec v) { v.store(wide.data() + j); });
+          finish_row_inplace<Acc>(fn, bias != nullptr, b, wide.data(),
+                                  static_cast<int64_t>(wide.size()));
+          for (int64_t oh = 0; oh < p.out_h; ++oh) {
+            std::copy(wide.data() + oh * wp, wide.data() + oh * wp + p.out_w, out + oh * p.out_w);
+          }
         }
       }
     }
@@ -783,37 +886,16 @@ std::vector<int64_t> tap_offsets(const DirectPlan& p, int64_t channels, int64_t 
   return offsets;
 }
 
-// Writes the real outputs among wide columns [col0, col0 + cols) of a register tile, through
-// op(row, vector); row i goes to the output plane out + (row0 + i) * out_plane.
+// Writes the real outputs among the wide columns of a register tile that starts at wide
+// column col0, through op(row, vector); row i goes to the output plane out + i * out_plane.
+// `stores` by value, for the reason given at WideStores::View.
 template <typename TileT, typename Op>
-void store_wide(const TileT& acc, int rows, int64_t col0, int64_t cols, const DirectPlan& p,
-                float* out, const Op& op) {
+void store_wide(const TileT& acc, int rows, int64_t col0, int64_t cols,
+                WideStores<float>::View stores, int64_t out_plane, float* out, const Op& op) {
   constexpr int64_t kV = gemm::kVec;
-  const int64_t wp = p.staged_w(), out_plane = p.out_h * p.out_w;
   constexpr int vecs = sizeof(acc.v[0]) / sizeof(Vec);
   for (int v = 0; v < vecs && v * kV < cols; ++v) {
-    const int64_t first = col0 + v * kV;
-    const int64_t lanes = std::min(kV, cols - v * kV);
-    const int64_t oh = first / wp, ow = first % wp;
-    for (int i = 0; i < rows; ++i) {
-      float* plane = out + i * out_plane;
-      const Vec value = op(i, acc.v[i][v]);
-      if (ow + lanes <= p.out_w) {  // within one output row: the common case
-        value.store(plane + oh * p.out_w + ow, static_cast<int>(lanes));
-        continue;
-      }
-      float lane_values[kV];
-      value.store(lane_values);
-      for (int64_t lane = 0; lane < lanes;) {  // split at row ends, skip discarded columns
-        const int64_t c = first + lane, row = c / wp, col = c % wp;
-        const int64_t run = std::min(lanes - lane, wp - col);
-        if (col < p.out_w) {
-          const int64_t valid = std::min(run, p.out_w - col);
-          std::copy(lane_values + lane, lane_values + lane + valid, plane + row * p.out_w + col);
-        }
-        lane += run;
-      }
-    }
+    for (int i = 0; i < rows; ++i) stores.store(col0 / kV + v, op(i, acc.v[i][v]), out + i * out_plane);
   }
 }
 
@@ -832,8 +914,14 @@ void implicit_forward(const Fn& fn, const DirectPlan& p, int64_t batch, int64_t 
   const int64_t chunks = chunks_for(batch * groups, row_blocks);
   const int64_t chunk_rows = ceil_div(row_blocks, chunks) * gemm::kRows;
   const std::vector<int64_t> offsets = tap_offsets(p, in_pg, stride);
+  const WideStores<float> wide_stores(p);
   at::parallel_for(0, batch * groups * chunks, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> staged(in_pg * stride);
+    const WideStores<float>::View stores = wide_stores.view();
+    // A last ragged strip of register tiles reads up to kStrip columns past the wide
+    // outputs: the next plane, or for the last one this zero slack, so the GEMM reads B
+    // in place (copying the strip cost a k x kStrip copy per task: 73 KB per sample of
+    // seed conv2).
+    std::vector<float> staged(in_pg * stride + kStrip);
     for (int64_t task = begin; task < end; ++task) {
       const int64_t ng = task / chunks, g = ng % groups;
       const int64_t o0 = (task % chunks) * chunk_rows, o1 = std::min(out_pg, o0 + chunk_rows);
@@ -846,9 +934,10 @@ void implicit_forward(const Fn& fn, const DirectPlan& p, int64_t batch, int64_t 
       const float* bias_o = bias ? bias + g * out_pg + o0 : nullptr;
       gemm::gemm_tiles(o1 - o0, p.wide_len(), k, weights + (g * out_pg + o0) * k,
                        gemm::StridedRows{k}, staged.data(), gemm::TableRows{offsets.data()},
-                       /*b_padded=*/false,
+                       /*b_padded=*/true,
                        [&](const auto& acc, int64_t row0, int rows, int64_t col0, int64_t cols) {
-                         store_wide(acc, rows, col0, cols, p, out + row0 * out_plane,
+                         store_wide(acc, rows, col0, cols, stores, out_plane,
+                                    out + row0 * out_plane,
                                     [&](int i, Vec v) {
                                       return fn.forward(bias_o ? v + Vec(bias_o[row0 + i]) : v);
                                     });
@@ -960,6 +1049,20 @@ Path choose_path(const ConvShape& s, int64_t in_pg, int64_t out_pg) {
   return Path::kAtenGemm;
 }
 
+// The path of a pass that is a correlation writing out_pg channels per group: the forward
+// and the input gradient. The direct path computes one written channel at a time, one
+// load of the staged input per multiply-add; the implicit GEMM computes kRows written
+// channels per register tile from each load. So with float32 and more written channels
+// than use_direct's bound, the GEMM wins even over few read channels (the seed network's
+// conv1, 1 -> 32 channels: forward 0.46 -> 0.39 ms, 1 thread).
+template <typename T>
+Path correlation_path(const ConvShape& s, int64_t in_pg, int64_t out_pg) {
+  if (std::is_same_v<T, float> && use_implicit_gemm(s) && out_pg > kDirectMaxChannels) {
+    return Path::kImplicitGemm;
+  }
+  return choose_path<T>(s, in_pg, out_pg);
+}
+
 // With stride 1 the input gradient is a correlation of grad_output with the flipped
 // kernel, channels swapped within each group, padded by dilation * (kernel - 1) - pad
 // (negative: cropped). These are that correlation's weights, [groups * in_pg, out_pg, kh, kw].
@@ -990,7 +1093,7 @@ void forward(const ConvShape& s, const Tensor& input, const Tensor& weight, cons
   PYOPS_DISPATCH_FLOATING(input.scalar_type(), "pyops_conv2d_forward_cpu", [&] {
     using Acc = opmath_t<scalar_t>;
     const scalar_t* b = bias.defined() ? bias.const_data_ptr<scalar_t>() : nullptr;
-    const Path path = choose_path<scalar_t>(s, s.in_per_group(), s.out_per_group());
+    const Path path = correlation_path<scalar_t>(s, s.in_per_group(), s.out_per_group());
     visit_activation<Acc>(act, slope, [&](auto fn) {
       if (path == Path::kDirect) {
         const Tensor w = weight.to(c10::CppTypeToScalarType<Acc>::value).contiguous();
@@ -1018,7 +1121,7 @@ void backward_input(const ConvShape& s, const Tensor& grad_output, const Tensor&
   PYOPS_DISPATCH_FLOATING(grad_output.scalar_type(), "pyops_conv2d_backward_input_cpu", [&] {
     using Acc = opmath_t<scalar_t>;
     const scalar_t* b = bias.defined() ? bias.const_data_ptr<scalar_t>() : nullptr;
-    Path path = choose_path<scalar_t>(s, s.out_per_group(), s.in_per_group());
+    Path path = correlation_path<scalar_t>(s, s.out_per_group(), s.in_per_group());
     if ((path == Path::kDirect || path == Path::kImplicitGemm) && !all_finite(weight)) {
       path = std::is_same_v<scalar_t, float> ? Path::kPackedGemm : Path::kAtenGemm;
     }
