@@ -554,13 +554,11 @@ void direct_backward_weight(const ConvShape& s, const DirectPlan& p, const T* in
           static_assert(kMaxGradBlock == 2);
 #if defined(CPU_CAPABILITY_AVX512)
           if constexpr (std::is_same_v<Acc, float>) {
-            if (three_by_three) {
+            // With one plane the shifts, not the loads, would bound it (depthwise weight
+            // gradient 0.55 -> 0.72 ms): only pairs take it.
+            if (three_by_three && block == 2) {
               const float* rows[3] = {shifted[0], shifted[3], shifted[6]};
-              if (block == 2) {
-                dots_3x3<2>(grads, rows, len, out, taps);
-              } else {
-                dots_3x3<1>(grads, rows, len, out, taps);
-              }
+              dots_3x3<2>(grads, rows, len, out, taps);
               continue;
             }
           }
