@@ -99,6 +99,21 @@ int64_t staged_stride(const DirectPlan& p) {
   return p.staged_h() * p.staged_w() + Vectorized<Acc>::size();
 }
 
+// dst[i] = src[i] for i < n, converted to Acc. Rows here are short (a 28-pixel image):
+// whole vectors and one masked tail beat a memmove call per row.
+template <typename T, typename Acc>
+void copy_row(const T* src, int64_t n, Acc* dst) {
+  if constexpr (std::is_same_v<T, Acc>) {
+    using Vec = Vectorized<Acc>;
+    constexpr int64_t kV = Vec::size();
+    int64_t i = 0;
+    for (; i + kV <= n; i += kV) Vec::loadu(src + i).store(dst + i);
+    if (i < n) Vec::loadu(src + i, n - i).store(dst + i, n - i);
+  } else {
+    std::copy(src, src + n, dst);
+  }
+}
+
 // dst[r * pitch + c] = src[r * cols + c] for r < rows, c < cols; zero elsewhere in
 // [0, total). One write per element: staging is as costly as a few taps otherwise.
 template <typename T, typename Acc>
@@ -108,7 +123,7 @@ void copy_rows(const T* src, int64_t rows, int64_t cols, int64_t pitch, int64_t 
   for (int64_t r = 0; r < rows; ++r) {
     Acc* row = dst + r * pitch + left;
     std::fill(out, row, Acc(0));
-    std::copy(src + r * cols, src + (r + 1) * cols, row);  // converts to Acc
+    copy_row(src + r * cols, cols, row);
     out = row + cols;
   }
   std::fill(out, dst + total, Acc(0));
@@ -134,7 +149,7 @@ void stage_plane(const T* src, const DirectPlan& p, Acc* dst) {
     Acc* row = first + (y - y0) * wp;
     Acc* begin = row + x0 + p.pad_left;
     std::fill(out, begin, Acc(0));
-    std::copy(src + y * p.src_w + x0, src + y * p.src_w + x1, begin);
+    copy_row(src + y * p.src_w + x0, x1 - x0, begin);
     out = begin + (x1 - x0);
   }
   std::fill(out, dst + total, Acc(0));
@@ -232,6 +247,55 @@ void correlate_wide(const DirectPlan& p, int64_t channels, const Acc* staged, in
   const int64_t wp = p.staged_w(), taps = p.kernel_h * p.kernel_w;
   const int64_t len = round_up(p.wide_len(), kV);
   int64_t j = 0;
+#if defined(CPU_CAPABILITY_AVX512)
+  if constexpr (std::is_same_v<Acc, float>) {
+    if (p.kernel_w == 3 && p.dilation_w == 1) {
+      // The taps of a kernel row are one load shifted by 0, 1, 2 lanes: five loads (the
+      // last masked to the 2 lanes it lends) give all 12 operands of 4 output vectors,
+      // shifted in registers. Unaligned loads mostly straddle cache lines and cost two
+      // reads each: one per operand made the loads, not the multiply-adds, the bound.
+      // The same multiply-adds in the same order as the loop below: the same bits.
+      const auto shift = [](__m512 lo, __m512 hi, auto lanes) {
+        return _mm512_castsi512_ps(_mm512_alignr_epi32(
+            _mm512_castps_si512(hi), _mm512_castps_si512(lo), decltype(lanes)::value));
+      };
+      using One = std::integral_constant<int, 1>;
+      using Two = std::integral_constant<int, 2>;
+      for (; j + 4 * kV <= len; j += 4 * kV) {
+        // Named registers, not arrays: GCC kept an array of accumulators on the stack.
+        __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+        for (int64_t ic = 0; ic < channels; ++ic) {
+          const Acc* plane = staged + ic * stride + j;
+          const Acc* w = weights + ic * taps;
+          for (int64_t kh = 0; kh < p.kernel_h; ++kh, w += 3) {
+            const Acc* q = plane + kh * p.dilation_h * wp;
+            const __m512 w0 = _mm512_set1_ps(w[0]), w1 = _mm512_set1_ps(w[1]),
+                         w2 = _mm512_set1_ps(w[2]);
+            const __m512 l0 = _mm512_loadu_ps(q), l1 = _mm512_loadu_ps(q + kV),
+                         l2 = _mm512_loadu_ps(q + 2 * kV), l3 = _mm512_loadu_ps(q + 3 * kV),
+                         l4 = _mm512_maskz_loadu_ps(__mmask16{0x3}, q + 4 * kV);
+            a0 = _mm512_fmadd_ps(w0, l0, a0);
+            a0 = _mm512_fmadd_ps(w1, shift(l0, l1, One{}), a0);
+            a0 = _mm512_fmadd_ps(w2, shift(l0, l1, Two{}), a0);
+            a1 = _mm512_fmadd_ps(w0, l1, a1);
+            a1 = _mm512_fmadd_ps(w1, shift(l1, l2, One{}), a1);
+            a1 = _mm512_fmadd_ps(w2, shift(l1, l2, Two{}), a1);
+            a2 = _mm512_fmadd_ps(w0, l2, a2);
+            a2 = _mm512_fmadd_ps(w1, shift(l2, l3, One{}), a2);
+            a2 = _mm512_fmadd_ps(w2, shift(l2, l3, Two{}), a2);
+            a3 = _mm512_fmadd_ps(w0, l3, a3);
+            a3 = _mm512_fmadd_ps(w1, shift(l3, l4, One{}), a3);
+            a3 = _mm512_fmadd_ps(w2, shift(l3, l4, Two{}), a3);
+          }
+        }
+        store(j, Vec(a0));
+        store(j + kV, Vec(a1));
+        store(j + 2 * kV, Vec(a2));
+        store(j + 3 * kV, Vec(a3));
+      }
+    }
+  }
+#endif
   for (; j + 4 * kV <= len; j += 4 * kV) {
     Vec a0(Acc(0)), a1(Acc(0)), a2(Acc(0)), a3(Acc(0));
     for (int64_t ic = 0; ic < channels; ++ic) {
@@ -326,35 +390,113 @@ void direct_forward(const Fn& fn, const DirectPlan& p, int64_t batch, int64_t gr
   });
 }
 
-// out[t] += <grad, shifted[t]> for kCount taps, each gradient vector loaded once.
-// `len` is a whole number of vectors.
-template <int kCount, typename Acc>
-void dots(const Acc* grad, const Acc* const* shifted, int64_t len, Acc* out) {
+// out[c * out_stride + t] += <grads[c], shifted[t]> for kGrads gradient planes and kTaps
+// taps: each vector loaded serves kGrads or kTaps multiply-adds, into kGrads * kTaps
+// independent accumulators (one per tap and plane, so the sums' order is the same
+// whatever the blocking). `len` is a whole number of vectors.
+template <int kGrads, int kTaps, typename Acc>
+void dots(const Acc* const* grads, const Acc* const* shifted, int64_t len, Acc* out,
+          int64_t out_stride) {
   using Vec = Vectorized<Acc>;
   constexpr int64_t kV = Vec::size();
-  Vec acc[kCount];
-  for (int t = 0; t < kCount; ++t) acc[t] = Vec(Acc(0));
-  for (int64_t j = 0; j < len; j += kV) {
-    const Vec g = Vec::loadu(grad + j);
-    for (int t = 0; t < kCount; ++t) acc[t] = at::vec::fmadd(g, Vec::loadu(shifted[t] + j), acc[t]);
+  Vec acc[kGrads][kTaps];
+  for (int c = 0; c < kGrads; ++c) {
+    for (int t = 0; t < kTaps; ++t) acc[c][t] = Vec(Acc(0));
   }
-  for (int t = 0; t < kCount; ++t) out[t] += cpu::detail::lane_sum(acc[t]);
+  for (int64_t j = 0; j < len; j += kV) {
+    Vec g[kGrads];
+    for (int c = 0; c < kGrads; ++c) g[c] = Vec::loadu(grads[c] + j);
+    for (int t = 0; t < kTaps; ++t) {
+      const Vec x = Vec::loadu(shifted[t] + j);
+      for (int c = 0; c < kGrads; ++c) acc[c][t] = at::vec::fmadd(g[c], x, acc[c][t]);
+    }
+  }
+  for (int c = 0; c < kGrads; ++c) {
+    for (int t = 0; t < kTaps; ++t) out[c * out_stride + t] += cpu::detail::lane_sum(acc[c][t]);
+  }
 }
 
-template <typename Acc>
-void dots_any(const Acc* grad, const Acc* const* shifted, int64_t count, int64_t len, Acc* out) {
-  constexpr int64_t kMax = 8;
-  for (; count >= kMax; count -= kMax, shifted += kMax, out += kMax) {
-    dots<kMax>(grad, shifted, len, out);
+#if defined(CPU_CAPABILITY_AVX512)
+// dots<kGrads, 9> for the 9 taps of one channel under a 3x3 kernel (dilation 1): the
+// taps of kernel row kh are rows[kh] shifted by 0, 1, 2 lanes, so each step loads one
+// new vector per kernel row and shifts it in registers against the previous one (see
+// correlate_wide: unaligned loads mostly straddle cache lines, two reads each). The same
+// multiply-adds in the same order as dots: the same bits.
+template <int kGrads>
+void dots_3x3(const float* const* grads, const float* const* rows, int64_t len, float* out,
+              int64_t out_stride) {
+  constexpr int64_t kV = 16;
+  const auto shift = [](__m512 lo, __m512 hi, auto lanes) {
+    return _mm512_castsi512_ps(_mm512_alignr_epi32(
+        _mm512_castps_si512(hi), _mm512_castps_si512(lo), decltype(lanes)::value));
+  };
+  // Named accumulators, not an array: GCC kept an array of them on the stack.
+  const __m512 zero = _mm512_setzero_ps();
+  __m512 a00 = zero, a01 = zero, a02 = zero, a03 = zero, a04 = zero, a05 = zero, a06 = zero,
+         a07 = zero, a08 = zero;
+  __m512 a10 = zero, a11 = zero, a12 = zero, a13 = zero, a14 = zero, a15 = zero, a16 = zero,
+         a17 = zero, a18 = zero;
+  __m512 cur0 = _mm512_loadu_ps(rows[0]), cur1 = _mm512_loadu_ps(rows[1]),
+         cur2 = _mm512_loadu_ps(rows[2]);
+  // acc_t += g * (row shifted by t lanes) for t = 0, 1, 2; `row` becomes `next`.
+  const auto kernel_row = [&](__m512 g0, __m512 g1, __m512& row, __m512 next, __m512& x0,
+                              __m512& x1, __m512& x2, __m512& y0, __m512& y1, __m512& y2) {
+    const __m512 s1 = shift(row, next, std::integral_constant<int, 1>{});
+    const __m512 s2 = shift(row, next, std::integral_constant<int, 2>{});
+    x0 = _mm512_fmadd_ps(g0, row, x0);
+    x1 = _mm512_fmadd_ps(g0, s1, x1);
+    x2 = _mm512_fmadd_ps(g0, s2, x2);
+    if constexpr (kGrads == 2) {
+      y0 = _mm512_fmadd_ps(g1, row, y0);
+      y1 = _mm512_fmadd_ps(g1, s1, y1);
+      y2 = _mm512_fmadd_ps(g1, s2, y2);
+    }
+    row = next;
+  };
+  for (int64_t j = 0; j < len; j += kV) {
+    // The last step reads only the 2 lanes it shifts in past the taps' last element.
+    const __mmask16 mask = j + kV < len ? __mmask16{0xFFFF} : __mmask16{0x3};
+    const __m512 g0 = _mm512_loadu_ps(grads[0] + j);
+    const __m512 g1 = kGrads == 2 ? _mm512_loadu_ps(grads[kGrads - 1] + j) : zero;
+    kernel_row(g0, g1, cur0, _mm512_maskz_loadu_ps(mask, rows[0] + j + kV), a00, a01, a02, a10,
+               a11, a12);
+    kernel_row(g0, g1, cur1, _mm512_maskz_loadu_ps(mask, rows[1] + j + kV), a03, a04, a05, a13,
+               a14, a15);
+    kernel_row(g0, g1, cur2, _mm512_maskz_loadu_ps(mask, rows[2] + j + kV), a06, a07, a08, a16,
+               a17, a18);
+  }
+  const __m512 sums[2][9] = {{a00, a01, a02, a03, a04, a05, a06, a07, a08},
+                             {a10, a11, a12, a13, a14, a15, a16, a17, a18}};
+  for (int c = 0; c < kGrads; ++c) {
+    for (int t = 0; t < 9; ++t) {
+      out[c * out_stride + t] += cpu::detail::lane_sum(Vectorized<float>(sums[c][t]));
+    }
+  }
+}
+#endif
+
+// Up to kMaxGradBlock gradient planes over a 3x3 kernel's 9 taps fill 18 accumulators
+// plus the loaded vectors, within AVX-512's (and without spills, AVX2's via the compiler's
+// 2-register Vectorized) budget.
+constexpr int kMaxGradBlock = 2;
+constexpr int64_t kMaxTapBlock = 9;
+
+template <int kGrads, typename Acc>
+void dots_taps(const Acc* const* grads, const Acc* const* shifted, int64_t count, int64_t len,
+               Acc* out, int64_t out_stride) {
+  for (; count >= kMaxTapBlock; count -= kMaxTapBlock, shifted += kMaxTapBlock,
+                                out += kMaxTapBlock) {
+    dots<kGrads, kMaxTapBlock>(grads, shifted, len, out, out_stride);
   }
   switch (count) {
-    case 7: return dots<7>(grad, shifted, len, out);
-    case 6: return dots<6>(grad, shifted, len, out);
-    case 5: return dots<5>(grad, shifted, len, out);
-    case 4: return dots<4>(grad, shifted, len, out);
-    case 3: return dots<3>(grad, shifted, len, out);
-    case 2: return dots<2>(grad, shifted, len, out);
-    case 1: return dots<1>(grad, shifted, len, out);
+    case 8: return dots<kGrads, 8>(grads, shifted, len, out, out_stride);
+    case 7: return dots<kGrads, 7>(grads, shifted, len, out, out_stride);
+    case 6: return dots<kGrads, 6>(grads, shifted, len, out, out_stride);
+    case 5: return dots<kGrads, 5>(grads, shifted, len, out, out_stride);
+    case 4: return dots<kGrads, 4>(grads, shifted, len, out, out_stride);
+    case 3: return dots<kGrads, 3>(grads, shifted, len, out, out_stride);
+    case 2: return dots<kGrads, 2>(grads, shifted, len, out, out_stride);
+    case 1: return dots<kGrads, 1>(grads, shifted, len, out, out_stride);
     default: return;
   }
 }
@@ -374,9 +516,12 @@ void direct_backward_weight(const ConvShape& s, const DirectPlan& p, const T* in
   const int64_t len = round_up(p.wide_len(), kV);
   const int64_t chunks = chunks_for(groups, out_pg);
   const int64_t chunk = ceil_div(out_pg, chunks);
+  // One input channel under a 3x3 kernel: shifted[0], [3], [6] are the kernel rows.
+  [[maybe_unused]] const bool three_by_three =
+      in_pg == 1 && p.kernel_h == 3 && p.kernel_w == 3 && p.dilation_w == 1;
   at::parallel_for(0, groups * chunks, 1, [&](int64_t begin, int64_t end) {
     std::vector<Acc> staged(in_pg * stride);
-    std::vector<Acc> grad_wide(len);
+    std::vector<Acc> grad_wide(kMaxGradBlock * len);
     std::vector<Acc> sums(chunk * in_pg * taps);
     // The staged input shifted by each (ic, kh, kw): the patch rows of im2col, in place.
     std::vector<const Acc*> shifted(in_pg * taps);
@@ -397,11 +542,32 @@ void direct_backward_weight(const ConvShape& s, const DirectPlan& p, const T* in
         for (int64_t ic = 0; ic < in_pg; ++ic) {
           stage_plane(src + ic * s.in_plane(), p, staged.data() + ic * stride);
         }
-        for (int64_t o = o_begin; o < o_end; ++o) {
-          const T* go = grad_output + (n * s.out_channels + g * out_pg + o) * s.out_plane();
-          copy_rows(go, s.out_h, s.out_w, wp, 0, grad_wide.data(), len);
-          dots_any(grad_wide.data(), shifted.data(), in_pg * taps, len,
-                   sums.data() + (o - o_begin) * in_pg * taps);
+        for (int64_t o = o_begin; o < o_end; o += kMaxGradBlock) {
+          const int block = static_cast<int>(std::min<int64_t>(kMaxGradBlock, o_end - o));
+          const Acc* grads[kMaxGradBlock];
+          for (int c = 0; c < block; ++c) {
+            const T* go = grad_output + (n * s.out_channels + g * out_pg + o + c) * s.out_plane();
+            copy_rows(go, s.out_h, s.out_w, wp, 0, grad_wide.data() + c * len, len);
+            grads[c] = grad_wide.data() + c * len;
+          }
+          Acc* out = sums.data() + (o - o_begin) * in_pg * taps;
+          static_assert(kMaxGradBlock == 2);
+#if defined(CPU_CAPABILITY_AVX512)
+          if constexpr (std::is_same_v<Acc, float>) {
+            // With one plane the shifts, not the loads, would bound it (depthwise weight
+            // gradient 0.55 -> 0.72 ms): only pairs take it.
+            if (three_by_three && block == 2) {
+              const float* rows[3] = {shifted[0], shifted[3], shifted[6]};
+              dots_3x3<2>(grads, rows, len, out, taps);
+              continue;
+            }
+          }
+#endif
+          if (block == 2) {
+            dots_taps<2>(grads, shifted.data(), in_pg * taps, len, out, in_pg * taps);
+          } else {
+            dots_taps<1>(grads, shifted.data(), in_pg * taps, len, out, in_pg * taps);
+          }
         }
       }
       T* gw = grad_weight + (g * out_pg + o_begin) * in_pg * taps;
@@ -1019,10 +1185,23 @@ bool all_finite(const Tensor& t) {
     const scalar_t* data = t.const_data_ptr<scalar_t>();
     std::atomic<bool> seen_non_finite{false};
     at::parallel_for(0, t.numel(), cpu::kGrainSize, [&](int64_t begin, int64_t end) {
-      Acc zero_if_finite = Acc(0);
-      for (int64_t i = begin; i < end; ++i) {
-        zero_if_finite += static_cast<Acc>(data[i]) * Acc(0);
+      // Four independent vector sums: one scalar sum is a chain of dependent adds (as
+      // costly as a depthwise layer's weight gradient for its input).
+      using Vec = Vectorized<Acc>;
+      constexpr int64_t kV = Vec::size();
+      Vec z0(Acc(0)), z1(Acc(0)), z2(Acc(0)), z3(Acc(0));
+      const Vec zero(Acc(0));
+      int64_t i = begin;
+      if constexpr (std::is_same_v<scalar_t, Acc>) {
+        for (; i + 4 * kV <= end; i += 4 * kV) {
+          z0 = at::vec::fmadd(Vec::loadu(data + i), zero, z0);
+          z1 = at::vec::fmadd(Vec::loadu(data + i + kV), zero, z1);
+          z2 = at::vec::fmadd(Vec::loadu(data + i + 2 * kV), zero, z2);
+          z3 = at::vec::fmadd(Vec::loadu(data + i + 3 * kV), zero, z3);
+        }
       }
+      Acc zero_if_finite = cpu::detail::lane_sum((z0 + z1) + (z2 + z3));
+      for (; i < end; ++i) zero_if_finite += static_cast<Acc>(data[i]) * Acc(0);
       if (zero_if_finite != Acc(0)) seen_non_finite = true;  // NaN compares unequal
     });
     finite = !seen_non_finite;
