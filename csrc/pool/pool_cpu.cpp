@@ -212,6 +212,36 @@ std::pair<std::vector<char>, std::vector<char>> empty_windows(const Geometry& g)
   return {std::move(rows), std::move(cols)};
 }
 
+// The outputs of a plane split for the gather paths: those whose windows lie wholly inside
+// the input (`inner_out`, with their window's first input `inner_in`), and the others
+// (`edge_out`), as offsets within a plane. Shared by every plane.
+template <typename Lane>
+struct InteriorSplit {
+  std::vector<int64_t> inner_out, edge_out;
+  std::vector<Lane> inner_in;
+};
+
+template <typename Lane>
+InteriorSplit<Lane> split_interior(const Geometry& g) {
+  const TapRange rows =
+      interior_outputs(g.out_h, g.stride_h, g.pad_h, g.dilation_h, g.kernel_h, g.in_h);
+  const TapRange cols =
+      interior_outputs(g.out_w, g.stride_w, g.pad_w, g.dilation_w, g.kernel_w, g.in_w);
+  InteriorSplit<Lane> split;
+  for (int64_t oh = 0; oh < g.out_h; ++oh) {
+    for (int64_t ow = 0; ow < g.out_w; ++ow) {
+      if (oh >= rows.begin && oh < rows.end && ow >= cols.begin && ow < cols.end) {
+        split.inner_out.push_back(oh * g.out_w + ow);
+        split.inner_in.push_back(static_cast<Lane>((oh * g.stride_h - g.pad_h) * g.in_w +
+                                                   ow * g.stride_w - g.pad_w));
+      } else {
+        split.edge_out.push_back(oh * g.out_w + ow);
+      }
+    }
+  }
+  return split;
+}
+
 // NCHW planes whose rows are too short for the row path (fewer than 2 * kLanes interior
 // outputs): the outputs whose windows lie wholly inside the input are reduced kLanes at a
 // time across rows, reading their taps by gather; the others take the scalar path.
@@ -223,24 +253,9 @@ void arg_forward_nchw_gather(const Geometry& g, const T* input, T* output,
   using Lane = at::vec::int_same_size_t<Acc>;
   constexpr int64_t kLanes = Vec::size();
   const int64_t in_plane = g.in_h * g.in_w, out_plane = g.out_h * g.out_w;
-  const TapRange rows =
-      interior_outputs(g.out_h, g.stride_h, g.pad_h, g.dilation_h, g.kernel_h, g.in_h);
-  const TapRange cols =
-      interior_outputs(g.out_w, g.stride_w, g.pad_w, g.dilation_w, g.kernel_w, g.in_w);
-  // Shared by every plane: interior outputs, their windows' first input, the others.
-  std::vector<int64_t> inner_out, edge_out;
-  std::vector<Lane> inner_in;
-  for (int64_t oh = 0; oh < g.out_h; ++oh) {
-    for (int64_t ow = 0; ow < g.out_w; ++ow) {
-      if (oh >= rows.begin && oh < rows.end && ow >= cols.begin && ow < cols.end) {
-        inner_out.push_back(oh * g.out_w + ow);
-        inner_in.push_back(static_cast<Lane>((oh * g.stride_h - g.pad_h) * g.in_w +
-                                             ow * g.stride_w - g.pad_w));
-      } else {
-        edge_out.push_back(oh * g.out_w + ow);
-      }
-    }
-  }
+  const InteriorSplit<Lane> split = split_interior<Lane>(g);
+  const auto &inner_out = split.inner_out, &edge_out = split.edge_out;
+  const auto& inner_in = split.inner_in;
   std::vector<int64_t> tap_offsets(g.kernel_h * g.kernel_w);
   for (int64_t kh = 0; kh < g.kernel_h; ++kh) {
     for (int64_t kw = 0; kw < g.kernel_w; ++kw) {
@@ -987,21 +1002,10 @@ void avg_forward_nchw_gather(const Geometry& g, int64_t divisor_override, const 
   using Reduce = AvgReduce<Acc>;
   constexpr int64_t kLanes = Vec::size();
   const int64_t in_plane = g.in_h * g.in_w, out_plane = g.out_h * g.out_w;
-  const TapRange rows = interior_outputs(g.out_h, g.stride_h, g.pad_h, 1, g.kernel_h, g.in_h);
-  const TapRange cols = interior_outputs(g.out_w, g.stride_w, g.pad_w, 1, g.kernel_w, g.in_w);
-  std::vector<int64_t> inner_out, edge_out;
-  std::vector<Lane> inner_in;
-  for (int64_t oh = 0; oh < g.out_h; ++oh) {
-    for (int64_t ow = 0; ow < g.out_w; ++ow) {
-      if (oh >= rows.begin && oh < rows.end && ow >= cols.begin && ow < cols.end) {
-        inner_out.push_back(oh * g.out_w + ow);
-        inner_in.push_back(static_cast<Lane>((oh * g.stride_h - g.pad_h) * g.in_w +
-                                             ow * g.stride_w - g.pad_w));
-      } else {
-        edge_out.push_back(oh * g.out_w + ow);
-      }
-    }
-  }
+  // Average pooling has no dilation: its geometry's is 1.
+  const InteriorSplit<Lane> split = split_interior<Lane>(g);
+  const auto &inner_out = split.inner_out, &edge_out = split.edge_out;
+  const auto& inner_in = split.inner_in;
   const Acc divisor = static_cast<Acc>(divisor_override != 0 ? divisor_override
                                                              : g.kernel_h * g.kernel_w);
   const int64_t inner = static_cast<int64_t>(inner_out.size());
