@@ -890,26 +890,23 @@ _NATIVE_ACTIVATIONS = {
 }
 
 
-class NativeConv2dAct(torch.nn.Conv2d):
+class _ThenActivation:
+    """Mixed in before a torch module: its forward followed by the activation, in torch."""
+
+    def __init__(self, *args, activation="relu", negative_slope=0.01, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.activation, self.negative_slope = activation, negative_slope
+
+    def forward(self, input):
+        return _NATIVE_ACTIVATIONS[self.activation](super().forward(input), self.negative_slope)
+
+
+class NativeConv2dAct(_ThenActivation, torch.nn.Conv2d):
     """The fused module's composition in torch: activation(conv2d(x))."""
 
-    def __init__(self, *args, activation="relu", negative_slope=0.01, **kwargs):
-        super().__init__(*args, **kwargs)
-        self.activation, self.negative_slope = activation, negative_slope
 
-    def forward(self, input):
-        return _NATIVE_ACTIVATIONS[self.activation](super().forward(input), self.negative_slope)
-
-
-class NativeLinearAct(torch.nn.Linear):
+class NativeLinearAct(_ThenActivation, torch.nn.Linear):
     """The fused module's composition in torch: activation(linear(x))."""
-
-    def __init__(self, *args, activation="relu", negative_slope=0.01, **kwargs):
-        super().__init__(*args, **kwargs)
-        self.activation, self.negative_slope = activation, negative_slope
-
-    def forward(self, input):
-        return _NATIVE_ACTIVATIONS[self.activation](super().forward(input), self.negative_slope)
 
 
 class NativeReLUMaxPool2d(torch.nn.MaxPool2d):
