@@ -1169,16 +1169,17 @@ void avg_backward_tiled(const Geometry& g, int64_t divisor_override, const T* go
       const T* go_row = go + (plane * g.out_h + oh) * g.out_w;
       if constexpr (std::is_same_v<T, float>) {
         if (g.kernel_w == 2 && g.in_w >= 2 * g.out_w) {
-          const Vec row_taps(divisor_override != 0
-                                 ? static_cast<Acc>(divisor_override)
-                                 : static_cast<Acc>(std::min(g.kernel_h, g.in_h - oh * g.kernel_h)));
+          // `rows`, the window rows inside the input, is divisor()'s row factor.
           for (int64_t ow = 0; ow < g.out_w; ow += kLanes) {
             const int64_t lanes = std::min(kLanes, g.out_w - ow);
-            const Vec divisors = divisor_override != 0
-                                     ? row_taps
-                                     : row_taps * Vec::loadu(col_taps.data() + ow, lanes);
+            const Vec divisors =
+                divisor_override != 0
+                    ? Vec(static_cast<Acc>(divisor_override))
+                    : Vec(static_cast<Acc>(rows)) * Vec::loadu(col_taps.data() + ow, lanes);
             const Vec share = Vec::loadu(go_row + ow, lanes) / divisors + Vec(0.f);
-            for (int64_t kh = 0; kh < rows; ++kh) store_pairs(gi_rows + kh * g.in_w, ow, lanes, share, share);
+            for (int64_t kh = 0; kh < rows; ++kh) {
+              store_pairs(gi_rows + kh * g.in_w, ow, lanes, share, share);
+            }
           }
           for (int64_t kh = 0; kh < rows; ++kh) {
             std::fill(gi_rows + kh * g.in_w + 2 * g.out_w, gi_rows + (kh + 1) * g.in_w, 0.f);
