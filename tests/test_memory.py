@@ -76,7 +76,8 @@ def test_linear_output_is_advised_huge_pages():
 
 def test_values_match_native():
     x = torch.randn(LARGE)
-    torch.testing.assert_close(P.sigmoid(x), torch.sigmoid(x), rtol=0, atol=0)
+    # sigmoid has its own float32 exp (within 2 ulp of torch's); relu is exact.
+    torch.testing.assert_close(P.sigmoid(x), torch.sigmoid(x))
     torch.testing.assert_close(P.relu(x), torch.relu(x), rtol=0, atol=0)
 
 

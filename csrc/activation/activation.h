@@ -67,7 +67,7 @@ template <typename Acc>
 struct Sigmoid {
   template <typename V>
   C10_HOST_DEVICE V forward(V x) const {
-    return V(1) / (V(1) + math::exp(-x));
+    return math::sigmoid(x);
   }
   template <typename V>
   C10_HOST_DEVICE V backward(V grad, V result) const {

@@ -118,6 +118,41 @@ inline opmath_t<T> map_range(const Op& op, int64_t n, T* out, const In*... in) {
   return sum;
 }
 
+// out[i] = op(in[i]...) and sums[i] += that result (in opmath_t<T>, before rounding to
+// T), for i in [0, n), on this thread: a column-wise reduction (a bias gradient over the
+// rows of a channels-last tensor) folded into the pass that writes the rows.
+template <typename T, typename Op, typename... In>
+inline void map_range_accumulate(const Op& op, int64_t n, T* out, opmath_t<T>* sums,
+                                 const In*... in) {
+  static_assert((std::is_same_v<T, In> && ...), "inputs and output share one dtype");
+  using Acc = opmath_t<T>;
+  using AccVec = Vectorized<Acc>;
+  int64_t i = 0;
+  if constexpr (is_reduced_float_v<T>) {
+    constexpr int64_t kStep = Vectorized<T>::size(), kHalf = AccVec::size();
+    for (; i + kStep <= n; i += kStep) {
+      std::tuple<detail::FloatHalves<In>...> loaded{detail::load_as_float(in + i)...};
+      auto lo = std::apply([&](const auto&... h) { return op(h.lo...); }, loaded);
+      auto hi = std::apply([&](const auto&... h) { return op(h.hi...); }, loaded);
+      (AccVec::loadu(sums + i) + lo).store(sums + i);
+      (AccVec::loadu(sums + i + kHalf) + hi).store(sums + i + kHalf);
+      detail::store_from_float(out + i, lo, hi);
+    }
+  } else {
+    constexpr int64_t kStep = Vectorized<T>::size();
+    for (; i + kStep <= n; i += kStep) {
+      auto result = op(Vectorized<T>::loadu(in + i)...);
+      (AccVec::loadu(sums + i) + result).store(sums + i);
+      result.store(out + i);
+    }
+  }
+  for (; i < n; ++i) {
+    Acc result = op(static_cast<Acc>(in[i])...);
+    sums[i] += result;
+    out[i] = static_cast<T>(result);
+  }
+}
+
 // map_range over [0, n), split across at::parallel_for's threads. Tasks start at
 // multiples of the SIMD step, so only the last n % step elements take the scalar tail,
 // whatever the number of threads: the vector and scalar versions of a function (exp in

@@ -41,6 +41,15 @@ C10_HOST_DEVICE inline T abs(T x) {
   return std::abs(x);
 }
 
+// exp(-|x|) cannot overflow: torch's 1 / (1 + exp(-x)) rounds every result below 1e-38
+// (x < -88.7 in float) to 0.
+template <typename T>
+C10_HOST_DEVICE inline T sigmoid(T x) {
+  const T e = exp(-abs(x));
+  const T y = T(1) / (T(1) + e);
+  return x < T(0) ? e * y : y;
+}
+
 template <typename T>
 C10_HOST_DEVICE inline T maximum(T a, T b) {
   // NaN-propagating, like torch.maximum.
