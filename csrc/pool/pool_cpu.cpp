@@ -727,15 +727,21 @@ inline void check_position(const Geometry& g, int64_t position) {
 // up front, so that the scatter below only maps offsets to positions.
 template <typename Index>
 void check_offsets(const Geometry& g, const Index* idx, int64_t count) {
-  const int64_t taps = g.kernel_h * g.kernel_w;
-  auto invalid = [&](Index v) {
-    return v != kNoTap<Index> && (static_cast<int64_t>(v) < 0 || static_cast<int64_t>(v) >= taps);
+  // Compares and an OR in Index's own unsigned type (a negative int32 becomes >= taps),
+  // no early exit: the loop vectorizes. (A bool accumulator or a short-circuit test kept
+  // it byte by byte: a fifth of the channels-last stem backward's time.)
+  using Unsigned = std::make_unsigned_t<Index>;
+  const auto taps = static_cast<Unsigned>(g.kernel_h * g.kernel_w);  // fits: see IndexKind
+  constexpr auto none = static_cast<Unsigned>(kNoTap<Index>);
+  auto invalid = [taps](Index v) {
+    const auto u = static_cast<Unsigned>(v);
+    return static_cast<Unsigned>((u >= taps) & (u != none));
   };
   std::atomic<bool> found{false};
   at::parallel_for(0, count, 4 * kGrainSize, [&](int64_t begin, int64_t end) {
-    bool any = false;  // no early exit: the loop vectorizes
+    Unsigned any = 0;
     for (int64_t i = begin; i < end; ++i) any |= invalid(idx[i]);
-    if (any) found = true;
+    if (any != 0) found = true;
   });
   if (!found) return;
   for (int64_t i = 0; i < count; ++i) {
@@ -818,19 +824,33 @@ void gather_channels_last(const Geometry& g, T* gi, const Pixel& pixel) {
 // caught by check_offsets; a whole window's taps are all valid.)
 template <typename Index>
 void check_edge_offsets_channels_last(const Geometry& g, const Index* idx) {
+  using Unsigned = std::make_unsigned_t<Index>;
+  // inside[offset + 1]: whether tap `offset` of the window at hand lies in the input;
+  // kNoTap (+ 1 = 0) passes. A table, not a division per element.
+  std::vector<uint8_t> inside(g.kernel_h * g.kernel_w + 1);
   for (int64_t oh = 0; oh < g.out_h; ++oh) {
     const TapRange hr = valid_taps(oh, g.stride_h, g.pad_h, g.dilation_h, g.kernel_h, g.in_h);
     for (int64_t ow = 0; ow < g.out_w; ++ow) {
       const TapRange wr = valid_taps(ow, g.stride_w, g.pad_w, g.dilation_w, g.kernel_w, g.in_w);
       const bool whole = hr.begin == 0 && hr.end == g.kernel_h && wr.begin == 0 && wr.end == g.kernel_w;
       if (whole || window_is_empty(hr, wr)) continue;  // an empty window passes nothing
+      inside[0] = 1;
+      for (int64_t kh = 0; kh < g.kernel_h; ++kh) {
+        for (int64_t kw = 0; kw < g.kernel_w; ++kw) {
+          inside[kh * g.kernel_w + kw + 1] =
+              kh >= hr.begin && kh < hr.end && kw >= wr.begin && kw < wr.end;
+        }
+      }
       for (int64_t n = 0; n < g.batch; ++n) {
         const Index* p = idx + ((n * g.out_h + oh) * g.out_w + ow) * g.channels;
+        uint8_t all_inside = 1;
+        // (check_offsets passed: every offset is kNoTap or below the tap count.)
         for (int64_t c = 0; c < g.channels; ++c) {
-          if (p[c] == kNoTap<Index>) continue;
-          const int64_t kh = static_cast<int64_t>(p[c]) / g.kernel_w;
-          const int64_t kw = static_cast<int64_t>(p[c]) % g.kernel_w;
-          TORCH_CHECK(kh >= hr.begin && kh < hr.end && kw >= wr.begin && kw < wr.end,
+          all_inside &= inside[static_cast<Unsigned>(static_cast<Unsigned>(p[c]) + 1)];
+        }
+        if (all_inside) continue;
+        for (int64_t c = 0; c < g.channels; ++c) {
+          TORCH_CHECK(inside[static_cast<Unsigned>(static_cast<Unsigned>(p[c]) + 1)],
                       "pyops._max_pool2d_backward: index ", static_cast<int64_t>(p[c]),
                       " names a tap outside the input plane of ", g.in_h, "x", g.in_w);
         }
