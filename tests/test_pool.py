@@ -188,6 +188,22 @@ def test_channels_last_around_simd_widths(channels, dtype, device):
     assert torch.equal(idx, TF.max_pool2d(x, return_indices=True, **kw)[1])
 
 
+@pytest.mark.parametrize("device", DEVICES)
+def test_channels_last_backward_into_a_large_grad_input(device):
+    # A 16 MiB float32 grad_input: on CPU the channels-last gathers store it around the
+    # caches from that size (kStreamMinBytes in pool_cpu.cpp), from every thread.
+    x = make_input((4, 64, 128, 128), torch.float32, device, "channels_last").requires_grad_()
+    assert x.numel() * x.element_size() >= 16 << 20
+    for ours, native in ((F.max_pool2d, TF.max_pool2d), (F.avg_pool2d, TF.avg_pool2d)):
+        out, out_ref = ours(x, 3, 2, 1), native(x, 3, 2, 1)
+        grad = torch.randn(out_ref.shape, device=device).contiguous(
+            memory_format=torch.channels_last)
+        (g,) = torch.autograd.grad(out, x, grad)
+        (g_ref,) = torch.autograd.grad(out_ref, x, grad)
+        assert_grad_close(g, g_ref)
+        assert_same_layout(g, g_ref)
+
+
 def special_input(device, dtype, layout, seed):
     # Few distinct values (many ties), NaN and infinities, so that tie-breaking and NaN
     # propagation decide the results and indices.
