@@ -2,6 +2,10 @@
 (csrc/common/memory.h): the flag must reach the output's memory mapping, stay off below
 the threshold and with PYOPS_HUGE_PAGES=0, and never change a value.
 
+Float32 outputs of 16 MB or more that a kernel writes once are stored around the caches
+(non-temporal stores, csrc/common/cpu_loops.h on AVX-512): those paths must give the
+values of the normal stores, aligned or not, in place or not.
+
 The mapping's flags come from /proc/self/smaps, where MADV_HUGEPAGE shows as "hg".
 """
 
@@ -96,3 +100,42 @@ def test_off_with_environment_variable():
         [sys.executable, "-c", code], cwd=root, env=env, capture_output=True, text=True, check=True
     )
     assert result.stdout.strip() == "False"
+
+
+STREAMED = LARGE  # 16 MB of float32: the smallest output that streams
+
+
+@pytest.mark.parametrize("offset", [0, 1], ids=["aligned", "unaligned"])
+def test_streamed_elementwise_outputs_match_native(offset):
+    # offset 1: out= starts 4 bytes past a 64-byte boundary and cannot stream.
+    x = torch.randn(STREAMED + offset)[offset:]
+    grad = torch.randn(STREAMED)
+    out = torch.empty(STREAMED + offset)[offset:]
+    torch.testing.assert_close(P.relu(x), torch.relu(x), rtol=0, atol=0)
+    torch.ops.pyops.leaky_relu.out(x, 0.1, out=out)
+    torch.testing.assert_close(out, F.leaky_relu(x, 0.1), rtol=0, atol=0)
+    y = torch.sigmoid(x)
+    torch.ops.pyops._sigmoid_backward.grad_input(grad, y, grad_input=out)
+    torch.testing.assert_close(out, torch.ops.aten.sigmoid_backward(grad, y))
+    inplace = x.clone()
+    P.relu(inplace, inplace=True)
+    torch.testing.assert_close(inplace, torch.relu(x), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("shape", [(1024, 4096), (64, 64, 32, 32)], ids=["rows", "planes"])
+def test_streamed_bias_act_matches_native(shape):
+    x = torch.randn(shape, requires_grad=True)
+    bias = torch.randn(shape[1], requires_grad=True)
+    grad = torch.randn(shape)
+    view = (-1,) + (1,) * (len(shape) - 2)
+    actual = P.bias_act(x, bias, "relu")
+    expected = torch.relu(x + bias.view(view))
+    torch.testing.assert_close(actual, expected, rtol=0, atol=0)
+    grad_x, grad_bias = torch.autograd.grad(actual, (x, bias), grad)
+    torch.testing.assert_close(grad_x, grad * (expected > 0), rtol=0, atol=0)
+    # The bias gradient sums 65536 terms of either sign, in another order than native:
+    # held to the float64 sum, within float rounding of the sum of the terms' magnitudes.
+    terms = (grad * (expected > 0)).double()
+    dims = [d for d in range(len(shape)) if d != 1]
+    error = (grad_bias.double() - terms.sum(dims)).abs()
+    assert (error <= 1e-5 * terms.abs().sum(dims)).all(), error.max()

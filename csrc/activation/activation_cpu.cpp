@@ -16,8 +16,8 @@ inline namespace CPU_CAPABILITY {
 namespace {
 
 using at::Tensor;
-using cpu::map_range;
 using cpu::map_range_accumulate;
+using cpu::map_range_streaming;
 using cpu::opmath_t;
 using cpu::parallel_map;
 
@@ -49,6 +49,15 @@ int64_t rows_per_task(int64_t row_length) {
   return std::max<int64_t>(1, cpu::kGrainSize / std::max<int64_t>(1, row_length));
 }
 
+// Whether a kernel writing `out` (numel elements) row by row, rows of row_length
+// elements, may stream its stores (cpu::may_stream): every row starts on a whole vector,
+// and `out` is not the input.
+template <typename T>
+bool streams_rows(const T* out, const T* in, int64_t numel, int64_t row_length) {
+  return out != in && row_length % at::vec::Vectorized<T>::size() == 0 &&
+         cpu::may_stream(out, numel);
+}
+
 void bias_forward(Activation act, double slope, const Tensor& input, const Tensor& bias,
                   const Tensor& output, ChannelLayout layout) {
   const auto [outer, channels, inner] = layout;
@@ -57,24 +66,29 @@ void bias_forward(Activation act, double slope, const Tensor& input, const Tenso
     const scalar_t* in = input.const_data_ptr<scalar_t>();
     const scalar_t* b = bias.const_data_ptr<scalar_t>();
     scalar_t* out = output.data_ptr<scalar_t>();
+    const bool stream = streams_rows(out, in, outer * channels * inner, inner == 1 ? channels : inner);
     visit_activation<Acc>(act, slope, [&](auto fn) {
       if (inner == 1) {  // channels innermost: a row is one position, bias is a vector
         at::parallel_for(0, outer, rows_per_task(channels), [&](int64_t begin, int64_t end) {
           for (int64_t row = begin; row < end; ++row) {
-            map_range([fn](auto x, auto bias_value) { return fn.forward(x + bias_value); },
-                      channels, out + row * channels, in + row * channels, b);
+            map_range_streaming(
+                stream, [fn](auto x, auto bias_value) { return fn.forward(x + bias_value); },
+                channels, out + row * channels, in + row * channels, b);
           }
+          if (stream) cpu::end_streaming();
         });
       } else {  // a row is one (sample, channel) plane, bias is a scalar
         at::parallel_for(0, outer * channels, rows_per_task(inner), [&](int64_t begin, int64_t end) {
           for (int64_t row = begin; row < end; ++row) {
             const Acc bias_value = static_cast<Acc>(b[row % channels]);
-            map_range([fn, bias_value](auto x) {
-                        using V = decltype(x);
-                        return fn.forward(x + V(bias_value));
-                      },
-                      inner, out + row * inner, in + row * inner);
+            map_range_streaming(stream,
+                                [fn, bias_value](auto x) {
+                                  using V = decltype(x);
+                                  return fn.forward(x + V(bias_value));
+                                },
+                                inner, out + row * inner, in + row * inner);
           }
+          if (stream) cpu::end_streaming();
         });
       }
     });
@@ -108,6 +122,8 @@ void bias_backward(Activation act, double slope, bool saved_is_result, const Ten
     const scalar_t* b = bias.const_data_ptr<scalar_t>();
     scalar_t* gi = grad_input.data_ptr<scalar_t>();
     scalar_t* gb = grad_bias.data_ptr<scalar_t>();
+    const bool stream = gi != g && gi != s &&
+                        streams_rows(gi, s, outer * channels * inner, inner == 1 ? channels : inner);
     visit_activation<Acc>(act, slope, [&](auto fn) {
       if (inner == 1) {
         const int64_t block_rows = rows_per_task(channels);
@@ -129,10 +145,12 @@ void bias_backward(Activation act, double slope, bool saved_is_result, const Ten
             for (int64_t row = row_begin; row < row_end; ++row) {
               const int64_t offset = row * channels;
               if (saved_is_result) {
-                map_range_accumulate([fn](auto grad, auto y) { return fn.backward(grad, y); },
+                map_range_accumulate(stream,
+                                     [fn](auto grad, auto y) { return fn.backward(grad, y); },
                                      channels, gi + offset, acc, g + offset, s + offset);
               } else {
-                map_range_accumulate([fn](auto grad, auto x, auto bias_value) {
+                map_range_accumulate(stream,
+                                     [fn](auto grad, auto x, auto bias_value) {
                                        return fn.backward(grad, x + bias_value);
                                      },
                                      channels, gi + offset, acc, g + offset, s + offset, b);
@@ -145,6 +163,7 @@ void bias_backward(Activation act, double slope, bool saved_is_result, const Ten
               }
             }
           }
+          if (stream) cpu::end_streaming();
         });
         store_column_sums(partial.data(), blocks, channels, gb);
       } else {
@@ -153,12 +172,13 @@ void bias_backward(Activation act, double slope, bool saved_is_result, const Ten
           for (int64_t row = begin; row < end; ++row) {
             const int64_t offset = row * inner;
             if (saved_is_result) {
-              row_sums[row] = map_range<true>(
-                  [fn](auto grad, auto y) { return fn.backward(grad, y); }, inner, gi + offset,
-                  g + offset, s + offset);
+              row_sums[row] = map_range_streaming<true>(
+                  stream, [fn](auto grad, auto y) { return fn.backward(grad, y); }, inner,
+                  gi + offset, g + offset, s + offset);
             } else {
               const Acc bias_value = static_cast<Acc>(b[row % channels]);
-              row_sums[row] = map_range<true>(
+              row_sums[row] = map_range_streaming<true>(
+                  stream,
                   [fn, bias_value](auto grad, auto x) {
                     using V = decltype(x);
                     return fn.backward(grad, x + V(bias_value));
@@ -166,6 +186,7 @@ void bias_backward(Activation act, double slope, bool saved_is_result, const Ten
                   inner, gi + offset, g + offset, s + offset);
             }
           }
+          if (stream) cpu::end_streaming();
         });
         store_column_sums(row_sums.data(), outer, channels, gb);
       }

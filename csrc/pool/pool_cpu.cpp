@@ -25,6 +25,7 @@
 #include <utility>
 #include <vector>
 
+#include "common/cpu_loops.h"
 #include "pool/pool.h"
 
 namespace pyops::pool {
@@ -37,7 +38,7 @@ using at::vec::Vectorized;
 template <typename T>
 using opmath_t = at::opmath_type<T>;
 
-constexpr int64_t kGrainSize = 32768;  // elements per parallel task, as ATen
+using cpu::kGrainSize;
 
 #define PYOPS_DISPATCH_FLOATING(dtype, name, ...) \
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, name, __VA_ARGS__)
@@ -66,43 +67,25 @@ inline void store_acc(T* p, const Vectorized<opmath_t<T>>& v) {
 }
 
 // The channels-last gathers write a large grad_input once, in whole cache lines, and do
-// not read it back: from kStreamMinBytes (half the 32 MB L3 of the machine measured) they
-// store around the caches. A non-temporal store skips the read of each line before its
-// write (half the memory traffic) and leaves the caches to the inputs: on the stem pool's
-// 25.7 MB grad_input (1 thread), a quarter off both backwards, 6% off max and 18% off
-// avg forward + backward.
-constexpr int64_t kStreamMinBytes = int64_t{16} << 20;
+// not read it back: they stream it (cpu::may_stream). On the stem pool's 25.7 MB
+// grad_input (1 thread), a quarter off both backwards, 6% off max and 18% off avg
+// forward + backward.
 
-// Whether store_acc_lines may stream every vector store to `out` + c * kLanes: float on
-// AVX-512 (the one build measured), 64-byte aligned, whole lines per pixel.
+// Whether store_acc_lines may stream every vector store to `out` + c * kLanes: whole
+// vectors per pixel, and cpu::may_stream.
 template <typename T>
 bool streams(const T* out, int64_t channels, int64_t numel) {
-#if defined(CPU_CAPABILITY_AVX512)
-  if constexpr (std::is_same_v<T, float>) {
-    return reinterpret_cast<std::uintptr_t>(out) % 64 == 0 && channels % 16 == 0 &&
-           numel * static_cast<int64_t>(sizeof(T)) >= kStreamMinBytes;
-  }
-#endif
-  return false;
+  return channels % Vectorized<T>::size() == 0 && cpu::may_stream(out, numel);
 }
 
-// store_acc, by a non-temporal store where `stream` (as streams() decided for p's tensor).
-// The writer calls _mm_sfence before its stores are read by another thread (end_streaming).
+// store_acc, streamed where `stream` (as streams() decided for p's tensor).
 template <typename T>
 inline void store_acc_lines(T* p, const Vectorized<opmath_t<T>>& v, bool stream) {
-#if defined(CPU_CAPABILITY_AVX512)
-  if constexpr (std::is_same_v<T, float>) {
-    if (stream) return _mm512_stream_ps(p, v);
+  if constexpr (!kReduced<T>) {
+    cpu::store_vector(p, v, stream);
+  } else {
+    store_acc(p, v);
   }
-#endif
-  store_acc(p, v);
-}
-
-// Orders this thread's non-temporal stores before what follows (the end of its task).
-inline void end_streaming() {
-#if defined(CPU_CAPABILITY_AVX512)
-  _mm_sfence();
-#endif
 }
 
 // Taps of kLanes consecutive outputs of one row: p[0], p[step], ..., p[(kLanes-1)*step].
@@ -857,7 +840,7 @@ void gather_channels_last(const Geometry& g, T* gi, const Pixel& pixel) {
       T* gi_row = gi + task * g.in_w * C;
       for (int64_t iw = 0; iw < g.in_w; ++iw) pixel(n, rows[ih], cols[iw], gi_row + iw * C);
     }
-    end_streaming();  // the pixels may stream (store_acc_lines)
+    cpu::end_streaming();  // the pixels may stream (store_acc_lines)
   });
 }
 
