@@ -45,6 +45,10 @@ CONV_CASES = [
     ("gemm_pad_over_kernel", (2, 8, 9, 10), (7, 8, 3, 3), {"padding": 3}),
     ("gemm_groups_d2", (2, 24, 10, 11), (14, 12, 3, 3), {"padding": 1, "groups": 2, "dilation": 2}),
     ("gemm_k1", (2, 16, 9, 30), (9, 16, 1, 1), {}),
+    # 64 channels per group written: pixel tiles with AVX-512 (forward and input gradient),
+    # planes that end in a partial register tile, transposed block and pixel block.
+    ("pixels_k3_p1", (2, 64, 9, 7), (64, 64, 3, 3), {"padding": 1}),
+    ("pixels_groups2_d2", (1, 6, 13, 11), (128, 3, 3, 2), {"groups": 2, "dilation": (1, 2)}),
 ]
 ACTIVATIONS = ["relu", "leaky_relu", "sigmoid", "tanh", "none"]
 NATIVE_ACTIVATION = {
@@ -102,7 +106,8 @@ def test_conv2d_matches_native(case, bias, device):
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("activation", ACTIVATIONS)
 @pytest.mark.parametrize("case", [c for c in CONV_CASES if c[0] in
-                                  ("seed_conv1", "k3_p1", "depthwise", "k7_s2_p3", "groups2")],
+                                  ("seed_conv1", "k3_p1", "depthwise", "k7_s2_p3", "groups2",
+                                   "pixels_k3_p1")],
                          ids=lambda c: c[0])
 def test_conv2d_bias_act_matches_conv_then_activation(case, activation, device):
     x, w, b, kwargs = conv_args(case, device=device, requires_grad=True)

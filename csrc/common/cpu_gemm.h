@@ -65,6 +65,16 @@ struct TableRows {
   int64_t operator()(int64_t r) const { return offsets[r]; }
 };
 
+// Where column p of an A row lies, relative to the row's pointer: contiguous, or a table
+// (the transposed implicit im2col: A's rows are output pixels, its columns the taps).
+struct ContiguousCols {
+  int64_t operator()(int64_t p) const { return p; }
+};
+struct TableCols {
+  const int64_t* offsets;
+  int64_t operator()(int64_t p) const { return offsets[p]; }
+};
+
 // The reduction of one register tile runs over `runs` of A's columns ([begin, begin +
 // length) each, in order) and, step by step alongside, over B's rows 0, 1, 2, ...: several
 // runs skip columns of A (the discarded columns of wide rows) without copying A.
@@ -73,18 +83,18 @@ struct Run {
 };
 
 // One register tile: A[kRows x runs] @ B[steps x tile_cols(Vecs)], A's rows given as
-// pointers (columns contiguous), row q of B at b + b_rows(q), handed to
+// pointers (column p at a_cols(p)), row q of B at b + b_rows(q), handed to
 // store(tile, row0, rows, col0, cols). The accumulators are locals: written through a
 // reference they would be stored back to memory on every step, since a float load may
 // alias them. A function of its own: the reduction loop needs 29 of the 32 AVX-512
 // registers, and inlined into a caller's loop nest GCC 12 spilled two of B's vectors to
 // the stack and reloaded them on every step (seed conv2 forward 7.2 -> 11.7 ms, in one
 // activation's instantiation but not another's).
-template <int Vecs, typename BRows, typename Store>
+template <int Vecs, typename BRows, typename Store, typename ACols = ContiguousCols>
 C10_NOINLINE void multiply_and_store(const float* const (&a_row)[kRows], const Run* runs,
                                      int64_t run_count, const float* b, const BRows& b_rows,
                                      const Store& store, int64_t row0, int rows, int64_t col0,
-                                     int64_t cols) {
+                                     int64_t cols, const ACols& a_cols = {}) {
   Vec acc[kRows][Vecs];  // zero
   int64_t q = 0;
   for (int64_t r = 0; r < run_count; ++r) {
@@ -93,8 +103,9 @@ C10_NOINLINE void multiply_and_store(const float* const (&a_row)[kRows], const R
       const float* b_q = b + b_rows(q);
       Vec b_row[Vecs];
       for (int v = 0; v < Vecs; ++v) b_row[v] = Vec::loadu(b_q + v * kVec);
+      const int64_t a_p = a_cols(p);
       for (int i = 0; i < kRows; ++i) {
-        const Vec a_ip(a_row[i][p]);
+        const Vec a_ip(a_row[i][a_p]);
         for (int v = 0; v < Vecs; ++v) acc[i][v] = at::vec::fmadd(a_ip, b_row[v], acc[i][v]);
       }
     }
@@ -137,15 +148,17 @@ inline void accumulate_tile(const Tile<Vecs>& acc, int rows, int64_t cols, float
 }
 
 // For every register tile of C[m x n] = A[m x k] @ B[k x n]: computes it and calls
-// store(tile, row0, rows, col0, cols). Row r of A starts at a + a_rows(r), row p of B at
-// b + b_rows(p). B's columns past n up to the next multiple of the tile width are read only
+// store(tile, row0, rows, col0, cols). Row r of A starts at a + a_rows(r), its column p
+// at a_cols(p) from there; row p of B at b + b_rows(p). B's columns past n up to the next multiple of the tile width are read only
 // when `b_padded` says they are readable; otherwise a ragged last strip is first copied into
 // a zero-padded buffer. Strips of B are the outer loop, so one strip (k x tile width) stays
 // in L1/L2 while every row block of A passes by. Rows of a last partial row block repeat
 // A's last row (the store is told how many are real).
-template <int Vecs, typename ARows, typename BRows, typename Store>
+template <int Vecs, typename ARows, typename BRows, typename Store,
+          typename ACols = ContiguousCols>
 void gemm_tiles_with(int64_t m, int64_t n, int64_t k, const float* a, const ARows& a_rows,
-                     const float* b, const BRows& b_rows, bool b_padded, const Store& store) {
+                     const float* b, const BRows& b_rows, bool b_padded, const Store& store,
+                     const ACols& a_cols = {}) {
   constexpr int64_t kCols = tile_cols(Vecs);
   std::vector<float> ragged;
   for (int64_t col0 = 0; col0 < n; col0 += kCols) {
@@ -165,10 +178,10 @@ void gemm_tiles_with(int64_t m, int64_t n, int64_t k, const float* a, const ARow
       const Run all{0, k};
       if (copy) {
         multiply_and_store<Vecs>(a_row, &all, 1, ragged.data(), StridedRows{kCols}, store, row0,
-                                 rows, col0, cols);
+                                 rows, col0, cols, a_cols);
       } else {
         multiply_and_store<Vecs>(a_row, &all, 1, b + col0, b_rows, store, row0, rows, col0,
-                                 cols);
+                                 cols, a_cols);
       }
     }
   }
