@@ -111,10 +111,13 @@ def _float32_grid():
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("inplace", [False, True], ids=["out_of_place", "inplace"])
-def test_sigmoid_float32_within_two_ulp_of_the_exact_result(device, inplace):
-    # pyops' float32 sigmoid has its own exp on AVX-512 (common/vec_math.h); it is held
-    # to the correctly rounded result, where torch's own is within 2 ulp only for
-    # results above 1e-38 (it rounds 1 / (1 + exp(88.7)) to 0).
+def test_sigmoid_float32_within_a_few_ulp_of_the_exact_result(device, inplace):
+    # pyops' float32 sigmoid has its own exp on AVX-512 (common/vec_math.h), held within
+    # 2 ulp of the correctly rounded result; elsewhere its exp is ATen's (Sleef's or the
+    # C library's, 1 ulp), which with the division's rounding gives up to 3. torch's own
+    # is off by millions of ulp below x = -88.7, where it rounds the result to 0.
+    own_exp = device == "cpu" and pyops.build_info()["cpu_capability"] == "AVX512"
+    bound = 2 if own_exp else 3
     x = _float32_grid().to(device)
     exact = torch.sigmoid(x.double()).float()
     if inplace:
@@ -124,7 +127,7 @@ def test_sigmoid_float32_within_two_ulp_of_the_exact_result(device, inplace):
         actual = F.sigmoid(x)
     ulps = (actual.view(torch.int32).long() - exact.view(torch.int32).long()).abs()
     worst = int(ulps.argmax())
-    assert ulps.max() <= 2, (x[worst].item(), actual[worst].item(), exact[worst].item())
+    assert ulps.max() <= bound, (x[worst].item(), actual[worst].item(), exact[worst].item())
     nan = torch.tensor([float("nan")] * 17, device=device)
     assert F.sigmoid(nan).isnan().all()
 

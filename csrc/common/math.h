@@ -41,13 +41,13 @@ C10_HOST_DEVICE inline T abs(T x) {
   return std::abs(x);
 }
 
-// exp(-|x|) cannot overflow: torch's 1 / (1 + exp(-x)) rounds every result below 1e-38
-// (x < -88.7 in float) to 0.
+// 1 / (1 + e) for x >= 0 and e / (1 + e) for x < 0, e = exp(-|x|): e cannot overflow
+// (torch's 1 / (1 + exp(-x)) rounds every result below 1e-38, x < -88.7 in float, to 0),
+// and one division rounds once where a reciprocal times e would round twice.
 template <typename T>
 C10_HOST_DEVICE inline T sigmoid(T x) {
   const T e = exp(-abs(x));
-  const T y = T(1) / (T(1) + e);
-  return x < T(0) ? e * y : y;
+  return (x < T(0) ? e : T(1)) / (T(1) + e);
 }
 
 template <typename T>

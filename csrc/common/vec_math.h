@@ -25,9 +25,9 @@ inline Vectorized<T> exp(const Vectorized<T>& x) {
 // As common/math.h's scalar sigmoid: e = exp(-|x|), 1 / (1 + e) or e / (1 + e).
 template <typename T>
 inline Vectorized<T> sigmoid(const Vectorized<T>& x) {
+  const Vectorized<T> one(1);
   const Vectorized<T> e = x.abs().neg().exp();
-  const Vectorized<T> y = (Vectorized<T>(1) + e).reciprocal();
-  return Vectorized<T>::blendv(y, e * y, x < Vectorized<T>(0));
+  return Vectorized<T>::blendv(one, e, x < Vectorized<T>(0)) / (one + e);
 }
 
 #if defined(CPU_CAPABILITY_AVX512)
@@ -55,10 +55,10 @@ inline Vectorized<float> sigmoid(const Vectorized<float>& x) {
   for (int i = 1; i < 7; ++i) p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(kCoefficients[i]));
   const __m512 e = _mm512_scalef_ps(p, n);  // 2^n * p, gradual underflow included
   // A true division: on Zen 5 it is faster than a reciprocal estimate and a Newton step,
-  // and it is exact.
-  const __m512 y = _mm512_div_ps(_mm512_set1_ps(1.f), _mm512_add_ps(_mm512_set1_ps(1.f), e));
+  // and it rounds once.
   const __mmask16 negative = _mm512_cmp_ps_mask(v, _mm512_setzero_ps(), _CMP_LT_OQ);
-  return _mm512_mask_mul_ps(y, negative, e, y);
+  const __m512 numerator = _mm512_mask_blend_ps(negative, _mm512_set1_ps(1.f), e);
+  return _mm512_div_ps(numerator, _mm512_add_ps(_mm512_set1_ps(1.f), e));
 }
 #endif
 
