@@ -156,6 +156,14 @@ void stage_plane(const T* src, const DirectPlan& p, Acc* dst) {
   std::fill(out, dst + total, Acc(0));
 }
 
+// stage_plane for `count` consecutive planes of src (plane_size elements apart), each
+// into its own staged_stride<Acc>(p) slot of dst.
+template <typename T, typename Acc>
+void stage_planes(const T* src, int64_t count, int64_t plane_size, const DirectPlan& p, Acc* dst) {
+  const int64_t stride = staged_stride<Acc>(p);
+  for (int64_t i = 0; i < count; ++i) stage_plane(src + i * plane_size, p, dst + i * stride);
+}
+
 // Where the vectors of wide outputs go in an output plane (out_h x out_w). Vector v holds
 // wide columns [v * kV, (v + 1) * kV) (row pitch staged_w, of which the first out_w
 // columns are real outputs); it is cut into runs that each lie in one output row, so a
@@ -357,10 +365,8 @@ void direct_forward(const Fn& fn, const DirectPlan& p, int64_t batch, int64_t gr
     std::vector<Acc> wide(std::is_same_v<T, Acc> ? 0 : round_up(p.wide_len(), kV));
     for (int64_t task = begin; task < end; ++task) {
       const int64_t c = task % chunks, ng = task / chunks, g = ng % groups, n = ng / groups;
-      const T* src = input + (n * groups + g) * in_per_group * in_plane;
-      for (int64_t ic = 0; ic < in_per_group; ++ic) {
-        stage_plane(src + ic * in_plane, p, staged.data() + ic * stride);
-      }
+      stage_planes(input + (n * groups + g) * in_per_group * in_plane, in_per_group, in_plane, p,
+                   staged.data());
       const int64_t oc_end = std::min(out_per_group, (c + 1) * chunk);
       for (int64_t o = c * chunk; o < oc_end; ++o) {
         const int64_t oc = g * out_per_group + o;
@@ -539,10 +545,8 @@ void direct_backward_weight(const ConvShape& s, const DirectPlan& p, const T* in
       const int64_t o_begin = c * chunk, o_end = std::min(out_pg, o_begin + chunk);
       std::fill(sums.begin(), sums.end(), Acc(0));
       for (int64_t n = 0; n < s.batch; ++n) {
-        const T* src = input + (n * s.in_channels + g * in_pg) * s.in_plane();
-        for (int64_t ic = 0; ic < in_pg; ++ic) {
-          stage_plane(src + ic * s.in_plane(), p, staged.data() + ic * stride);
-        }
+        stage_planes(input + (n * s.in_channels + g * in_pg) * s.in_plane(), in_pg, s.in_plane(),
+                     p, staged.data());
         for (int64_t o = o_begin; o < o_end; o += kMaxGradBlock) {
           const int block = static_cast<int>(std::min<int64_t>(kMaxGradBlock, o_end - o));
           const Acc* grads[kMaxGradBlock];
@@ -1093,10 +1097,8 @@ void implicit_forward(const Fn& fn, const DirectPlan& p, int64_t batch, int64_t 
       const int64_t ng = task / chunks, g = ng % groups;
       const int64_t o0 = (task % chunks) * chunk_rows, o1 = std::min(out_pg, o0 + chunk_rows);
       if (o0 >= o1) continue;
-      const float* src = input + ng * in_pg * in_plane;  // (n, g) planes are consecutive
-      for (int64_t ic = 0; ic < in_pg; ++ic) {
-        stage_plane(src + ic * in_plane, p, staged.data() + ic * stride);
-      }
+      // (n, g) planes are consecutive
+      stage_planes(input + ng * in_pg * in_plane, in_pg, in_plane, p, staged.data());
       float* out = output + (ng * out_pg + o0) * out_plane;
       const float* bias_o = bias ? bias + g * out_pg + o0 : nullptr;
       gemm::gemm_tiles(o1 - o0, p.wide_len(), k, weights + (g * out_pg + o0) * k,
@@ -1201,10 +1203,8 @@ void implicit_forward_pixels(const Fn& fn, const DirectPlan& p, int64_t batch, i
       const int64_t ng = task / chunks, g = ng % groups;
       const int64_t b0 = (task % chunks) * chunk_blocks, b1 = std::min(blocks, b0 + chunk_blocks);
       if (b0 >= b1) continue;
-      const float* src = input + ng * in_pg * in_plane;  // (n, g) planes are consecutive
-      for (int64_t ic = 0; ic < in_pg; ++ic) {
-        stage_plane(src + ic * in_plane, p, staged.data() + ic * stride);
-      }
+      // (n, g) planes are consecutive
+      stage_planes(input + ng * in_pg * in_plane, in_pg, in_plane, p, staged.data());
       float* out = output + ng * out_pg * out_plane;
       const float* bias_g = bias ? bias + g * out_pg : nullptr;
       for (int64_t blk = b0; blk < b1; ++blk) {
@@ -1278,10 +1278,8 @@ void implicit_backward_weight(const ConvShape& s, const DirectPlan& p, const flo
     for (int64_t r = begin; r < end; ++r) {
       for (int64_t n = r * s.batch / ranges; n < (r + 1) * s.batch / ranges; ++n) {
         for (int64_t g = 0; g < s.groups; ++g) {
-          const float* src = input + (n * s.in_channels + g * in_pg) * in_plane;
-          for (int64_t ic = 0; ic < in_pg; ++ic) {
-            stage_plane(src + ic * in_plane, p, staged.data() + ic * stride);
-          }
+          stage_planes(input + (n * s.in_channels + g * in_pg) * in_plane, in_pg, in_plane, p,
+                       staged.data());
           const float* grad = grad_output + (n * s.out_channels + g * out_pg) * out_plane;
           float* sums = partial_data + (r * s.groups + g) * k * out_pg;
           for (int64_t oh0 = 0; oh0 < s.out_h; oh0 += rows_per_chunk) {
