@@ -127,39 +127,69 @@ inline auto lane_sum(const V& v) {
 }
 }  // namespace detail
 
-// out[i] = op(in[i]...) for i in [0, n), on this thread. When `Sum` is true, returns
-// the sum of the op's results (in opmath_t<T>, before rounding to T). `stream`: the
-// vector stores stream (may_stream(out, ...) said so, and out is not an input).
-template <bool Sum = false, typename T, typename Op, typename... In>
-inline opmath_t<T> map_range_streaming(bool stream, const Op& op, int64_t n, T* out,
-                                       const In*... in) {
+namespace detail {
+// out[i] = op(in[i]...) for i in [0, n), on this thread, handing each result (before
+// rounding to T) to observe(i, result): a Vectorized<opmath_t<T>> for the SIMD body, in
+// index order, then an opmath_t<T> per tail element. `stream`: the vector stores stream
+// (may_stream(out, ...) said so, and out is not an input).
+template <typename T, typename Op, typename Observe, typename... In>
+inline void map_range_observed(bool stream, const Op& op, int64_t n, T* out,
+                               const Observe& observe, const In*... in) {
   static_assert((std::is_same_v<T, In> && ...), "inputs and output share one dtype");
   using Acc = opmath_t<T>;
-  using AccVec = Vectorized<Acc>;
   int64_t i = 0;
-  AccVec vsum(Acc(0));
   if constexpr (is_reduced_float_v<T>) {
-    constexpr int64_t kStep = Vectorized<T>::size();
+    constexpr int64_t kStep = Vectorized<T>::size(), kHalf = Vectorized<Acc>::size();
     for (; i + kStep <= n; i += kStep) {
-      std::tuple<detail::FloatHalves<In>...> loaded{detail::load_as_float(in + i)...};
+      std::tuple<FloatHalves<In>...> loaded{load_as_float(in + i)...};
       auto lo = std::apply([&](const auto&... h) { return op(h.lo...); }, loaded);
       auto hi = std::apply([&](const auto&... h) { return op(h.hi...); }, loaded);
-      if constexpr (Sum) vsum = vsum + lo + hi;
-      detail::store_from_float(out + i, lo, hi);
+      observe(i, lo);
+      observe(i + kHalf, hi);
+      store_from_float(out + i, lo, hi);
     }
   } else {
     constexpr int64_t kStep = Vectorized<T>::size();
     for (; i + kStep <= n; i += kStep) {
       auto result = op(Vectorized<T>::loadu(in + i)...);
-      if constexpr (Sum) vsum = vsum + result;
+      observe(i, result);
       store_vector(out + i, result, stream);
     }
   }
-  Acc sum = Sum ? detail::lane_sum(vsum) : Acc(0);
   for (; i < n; ++i) {
     Acc result = op(static_cast<Acc>(in[i])...);
-    if constexpr (Sum) sum += result;
+    observe(i, result);
     out[i] = static_cast<T>(result);
+  }
+}
+}  // namespace detail
+
+// out[i] = op(in[i]...) for i in [0, n), on this thread. When `Sum` is true, returns
+// the sum of the op's results (in opmath_t<T>, before rounding to T): the vectors
+// lane-wise, their lanes in order, then the tail. `stream` as for map_range_observed.
+template <bool Sum = false, typename T, typename Op, typename... In>
+inline opmath_t<T> map_range_streaming(bool stream, const Op& op, int64_t n, T* out,
+                                       const In*... in) {
+  using Acc = opmath_t<T>;
+  Vectorized<Acc> vsum(Acc(0));
+  Acc sum(0);
+  bool lanes_folded = false;
+  detail::map_range_observed(
+      stream, op, n, out,
+      [&](int64_t, const auto& result) {
+        if constexpr (!Sum) {
+          return;
+        } else if constexpr (std::is_same_v<std::decay_t<decltype(result)>, Acc>) {
+          if (!lanes_folded) sum = detail::lane_sum(vsum);  // the tail comes last
+          lanes_folded = true;
+          sum += result;
+        } else {
+          vsum = vsum + result;
+        }
+      },
+      in...);
+  if constexpr (Sum) {
+    if (!lanes_folded) sum = detail::lane_sum(vsum);
   }
   return sum;
 }
@@ -172,37 +202,21 @@ inline opmath_t<T> map_range(const Op& op, int64_t n, T* out, const In*... in) {
 // out[i] = op(in[i]...) and sums[i] += that result (in opmath_t<T>, before rounding to
 // T), for i in [0, n), on this thread: a column-wise reduction (a bias gradient over the
 // rows of a channels-last tensor) folded into the pass that writes the rows. `stream` as
-// for map_range_streaming.
+// for map_range_observed.
 template <typename T, typename Op, typename... In>
 inline void map_range_accumulate(bool stream, const Op& op, int64_t n, T* out,
                                  opmath_t<T>* sums, const In*... in) {
-  static_assert((std::is_same_v<T, In> && ...), "inputs and output share one dtype");
   using Acc = opmath_t<T>;
-  using AccVec = Vectorized<Acc>;
-  int64_t i = 0;
-  if constexpr (is_reduced_float_v<T>) {
-    constexpr int64_t kStep = Vectorized<T>::size(), kHalf = AccVec::size();
-    for (; i + kStep <= n; i += kStep) {
-      std::tuple<detail::FloatHalves<In>...> loaded{detail::load_as_float(in + i)...};
-      auto lo = std::apply([&](const auto&... h) { return op(h.lo...); }, loaded);
-      auto hi = std::apply([&](const auto&... h) { return op(h.hi...); }, loaded);
-      (AccVec::loadu(sums + i) + lo).store(sums + i);
-      (AccVec::loadu(sums + i + kHalf) + hi).store(sums + i + kHalf);
-      detail::store_from_float(out + i, lo, hi);
-    }
-  } else {
-    constexpr int64_t kStep = Vectorized<T>::size();
-    for (; i + kStep <= n; i += kStep) {
-      auto result = op(Vectorized<T>::loadu(in + i)...);
-      (AccVec::loadu(sums + i) + result).store(sums + i);
-      store_vector(out + i, result, stream);
-    }
-  }
-  for (; i < n; ++i) {
-    Acc result = op(static_cast<Acc>(in[i])...);
-    sums[i] += result;
-    out[i] = static_cast<T>(result);
-  }
+  detail::map_range_observed(
+      stream, op, n, out,
+      [sums](int64_t i, const auto& result) {
+        if constexpr (std::is_same_v<std::decay_t<decltype(result)>, Acc>) {
+          sums[i] += result;
+        } else {
+          (Vectorized<Acc>::loadu(sums + i) + result).store(sums + i);
+        }
+      },
+      in...);
 }
 
 // map_range over [0, n), split across at::parallel_for's threads. Tasks start at
