@@ -49,15 +49,6 @@ int64_t rows_per_task(int64_t row_length) {
   return std::max<int64_t>(1, cpu::kGrainSize / std::max<int64_t>(1, row_length));
 }
 
-// Whether a kernel writing `out` (numel elements) row by row, rows of row_length
-// elements, may stream its stores (cpu::may_stream): every row starts on a whole vector,
-// and `out` is not the input.
-template <typename T>
-bool streams_rows(const T* out, const T* in, int64_t numel, int64_t row_length) {
-  return out != in && row_length % at::vec::Vectorized<T>::size() == 0 &&
-         cpu::may_stream(out, numel);
-}
-
 void bias_forward(Activation act, double slope, const Tensor& input, const Tensor& bias,
                   const Tensor& output, ChannelLayout layout) {
   const auto [outer, channels, inner] = layout;
@@ -66,7 +57,9 @@ void bias_forward(Activation act, double slope, const Tensor& input, const Tenso
     const scalar_t* in = input.const_data_ptr<scalar_t>();
     const scalar_t* b = bias.const_data_ptr<scalar_t>();
     scalar_t* out = output.data_ptr<scalar_t>();
-    const bool stream = streams_rows(out, in, outer * channels * inner, inner == 1 ? channels : inner);
+    // In place (out == in) the lines are cached when written: no streaming.
+    const bool stream = out != in && cpu::may_stream_rows(out, outer * channels * inner,
+                                                          inner == 1 ? channels : inner);
     visit_activation<Acc>(act, slope, [&](auto fn) {
       if (inner == 1) {  // channels innermost: a row is one position, bias is a vector
         at::parallel_for(0, outer, rows_per_task(channels), [&](int64_t begin, int64_t end) {
@@ -123,7 +116,8 @@ void bias_backward(Activation act, double slope, bool saved_is_result, const Ten
     scalar_t* gi = grad_input.data_ptr<scalar_t>();
     scalar_t* gb = grad_bias.data_ptr<scalar_t>();
     const bool stream = gi != g && gi != s &&
-                        streams_rows(gi, s, outer * channels * inner, inner == 1 ? channels : inner);
+                        cpu::may_stream_rows(gi, outer * channels * inner,
+                                             inner == 1 ? channels : inner);
     visit_activation<Acc>(act, slope, [&](auto fn) {
       if (inner == 1) {
         const int64_t block_rows = rows_per_task(channels);

@@ -56,6 +56,13 @@ inline bool may_stream(const T* out, int64_t numel) {
   return false;
 }
 
+// may_stream for an output written row by row, rows of row_length elements: each row
+// must start on a whole vector for all of its vector stores to be aligned.
+template <typename T>
+inline bool may_stream_rows(const T* out, int64_t numel, int64_t row_length) {
+  return row_length % Vectorized<T>::size() == 0 && may_stream(out, numel);
+}
+
 // v.store(p), streamed where `stream` (as may_stream decided for p's tensor).
 template <typename T>
 inline void store_vector(T* p, const Vectorized<T>& v, bool stream) {
