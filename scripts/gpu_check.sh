@@ -1,16 +1,19 @@
 #!/usr/bin/env bash
 # The CUDA checks of pyops, for a machine with an NVIDIA GPU (no internet needed):
 # report the machine, build the extension in place for the visible GPU, run the CUDA
-# tests, then the CUDA benchmarks. Every step logs to OUT_DIR/gpu_check.log and its exit
-# status goes to OUT_DIR/steps.tsv; a failed step does not stop the later ones, and the
-# script exits non-zero if any step failed. OUT_DIR ends with five files (the device
-# tool brings back at most eight): gpu_check.log, steps.tsv, pytest-cuda.xml, and the
-# benchmark's results.json (rewritten after every case) and speedup.png.
+# tests, then the CUDA benchmarks (float32, then the convolutions in float16 and
+# bfloat16, which run on tensor cores). Every step logs to OUT_DIR/gpu_check.log and its
+# exit status goes to OUT_DIR/steps.tsv; a failed step does not stop the later ones, and
+# the script exits non-zero if any step failed. OUT_DIR ends with seven files (the device
+# tool brings back at most eight): gpu_check.log, steps.tsv, pytest-cuda.xml, the float32
+# benchmark's results.json (rewritten after every case) and speedup.png, and the same two
+# for the 16-bit convolutions under OUT_DIR/conv-16bit/.
 #
 # Usage: scripts/gpu_check.sh OUT_DIR
-# Per-step time limits in seconds, together under 10 minutes (the whole run is meant to
+# Per-step time limits in seconds, together at most 10 minutes (the whole run is meant to
 # take a few): GPU_CHECK_BUILD_TIMEOUT (210), GPU_CHECK_TEST_TIMEOUT (150),
-# GPU_CHECK_BENCH_TIMEOUT (120); 30 for the machine report, 60 for the determinism check.
+# GPU_CHECK_BENCH_TIMEOUT (100), GPU_CHECK_BENCH_16BIT_TIMEOUT (50); 30 for the machine
+# report, 60 for the determinism check.
 # TORCH_CUDA_ARCH_LIST is honoured; by default the visible GPU's arch (9.0 if unknown).
 
 set -u -o pipefail
@@ -122,8 +125,11 @@ run_step build "${GPU_CHECK_BUILD_TIMEOUT:-210}" bash -c build_in_place
 run_step determinism 60 bash -c determinism_check
 run_step tests "${GPU_CHECK_TEST_TIMEOUT:-150}" \
   "$PYTHON" -m pytest tests -k cuda -q -rs --junitxml="$OUT_DIR/pytest-cuda.xml"
-run_step bench "${GPU_CHECK_BENCH_TIMEOUT:-120}" \
+run_step bench "${GPU_CHECK_BENCH_TIMEOUT:-100}" \
   "$PYTHON" -m pyops.bench --device cuda --out "$OUT_DIR"
+run_step bench-conv-16bit "${GPU_CHECK_BENCH_16BIT_TIMEOUT:-50}" \
+  "$PYTHON" -m pyops.bench --device cuda --family conv --dtype float16,bfloat16 \
+  --out "$OUT_DIR/conv-16bit"
 
 echo "=== summary (also in $STATUS_FILE)"
 column -t "$STATUS_FILE" 2>/dev/null || cat "$STATUS_FILE"

@@ -165,10 +165,14 @@ def test_conv_transpose2d_matches_native(case, bias, device):
         assert_near(g, r, torch.float32)
 
 
+# With CUDA, float16 and bfloat16 GEMMs run on tensor cores (sm_80+): the gemm_* and
+# pixels_* cases give them several K steps, partial 64 x 64 tiles, groups and a split-K
+# weight gradient.
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16, torch.float16], ids=dtype_id)
 @pytest.mark.parametrize("case", [c for c in CONV_CASES if c[0] in
-                                  ("seed_conv1", "k3_s2_p1", "depthwise", "k1")],
+                                  ("seed_conv1", "k3_s2_p1", "depthwise", "k1", "gemm_k3_p1",
+                                   "gemm_groups_d2", "pixels_k3_p1")],
                          ids=lambda c: c[0])
 def test_dtypes_match_native(case, dtype, device):
     x, w, b, kwargs = conv_args(case, dtype=dtype, device=device, requires_grad=True)
@@ -183,6 +187,25 @@ def test_dtypes_match_native(case, dtype, device):
     assert_near(out, ref.to(dtype), dtype)
     for g, r in zip(grads, ref_grads):
         assert g.dtype == dtype
+        assert_near(g, r.to(dtype), dtype)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=dtype_id)
+@pytest.mark.parametrize("case", [c for c in CONV_T_CASES if c[0] in
+                                  ("k4_s2_p1_doubling", "groups2_d2")], ids=lambda c: c[0])
+def test_conv_transpose2d_dtypes_match_native(case, dtype, device):
+    _, xs, ws, kwargs = case
+    x = make(xs, dtype, device, 0, requires_grad=True)
+    w = make(ws, dtype, device, 1, requires_grad=True)
+    b = make((ws[1] * kwargs.get("groups", 1),), dtype, device, 2, requires_grad=True)
+    out, grads = grads_of(lambda: F.conv_transpose2d(x, w, b, **kwargs), (x, w, b))
+    x64, w64, b64 = (t.detach().double().requires_grad_() for t in (x, w, b))
+    ref, ref_grads = grads_of(lambda: TF.conv_transpose2d(x64, w64, b64, **kwargs),
+                              (x64, w64, b64))
+    assert out.dtype == dtype
+    assert_near(out, ref.to(dtype), dtype)
+    for g, r in zip(grads, ref_grads):
         assert_near(g, r.to(dtype), dtype)
 
 

@@ -3,6 +3,9 @@
 // math), with the bias + activation epilogue (activation.h's functors) applied as the
 // output tile leaves registers; depthwise convolutions (one input channel per group) use
 // a direct kernel instead. Accumulation is in opmath_t (float for half and bfloat16).
+// float16 and bfloat16 GEMMs run on tensor cores (wmma, sm_80 and later): 16-bit
+// operands, float accumulators, the same epilogue; float32 and float64 stay on the CUDA
+// cores in their own precision (no TF32, unlike cuDNN's default for float32).
 //
 //   pass              GEMM per group g                 M           N                K
 //   forward           out = W_g . im2col(x)            out / group  batch*out_plane  patch
@@ -15,8 +18,12 @@
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <c10/cuda/CUDAGuard.h>
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <mma.h>
 
 #include <algorithm>
+#include <type_traits>
 
 #include "activation/activation.h"
 #include "common/cuda_loops.cuh"
@@ -49,6 +56,7 @@ struct ForwardProblem {
   const T* bias;
   T* output;
   Fn fn;
+  using Element = T;
   using Acc = opmath_t<T>;
   __host__ __device__ int64_t m() const { return s.out_per_group(); }
   __host__ __device__ int64_t n() const { return s.batch * s.out_plane(); }
@@ -79,6 +87,7 @@ struct BackwardInputProblem {
   const T* bias;
   T* grad_input;
   Fn fn;
+  using Element = T;
   using Acc = opmath_t<T>;
   __host__ __device__ int64_t taps() const { return s.kernel_h * s.kernel_w; }
   __host__ __device__ int64_t m() const { return s.in_per_group(); }
@@ -119,6 +128,7 @@ struct BackwardWeightProblem {
   const T* input;
   const T* grad_output;
   opmath_t<T>* workspace;
+  using Element = T;
   using Acc = opmath_t<T>;
   __host__ __device__ int64_t m() const { return s.out_per_group(); }
   __host__ __device__ int64_t n() const { return s.patch_size(); }
@@ -195,14 +205,165 @@ __global__ void __launch_bounds__(kGemmThreads)
   }
 }
 
+// ---- Tensor cores: float16 and bfloat16 ---------------------------------------------------
+
+// Tile of the tensor-core GEMM: kMmaTileM x kMmaTileN outputs per block of 4 warps in a
+// 2 x 2 grid, each warp 32 x 32 outputs as 2 x 2 wmma fragments of 16 x 16 x 16; K
+// advances kMmaTileK at a time. The operands are gathered as for the CUDA-core kernel,
+// stored in shared memory as 16-bit values (the gathers read 16-bit values, so nothing is
+// rounded), and the float accumulators go through shared memory to the problem's
+// epilogue, which then writes consecutive columns from consecutive threads.
+constexpr int kMmaTileM = 64, kMmaTileN = 64, kMmaTileK = 32;
+constexpr int kMmaThreads = 4 * 32;
+// The first virtual architecture with bfloat16 wmma (float16's is sm_70; one bar for both).
+constexpr int kMmaMinArch = 80;
+
+template <typename T>
+struct WmmaElement;  // the CUDA type wmma takes for a 16-bit T (same bits)
+template <>
+struct WmmaElement<at::Half> {
+  using type = __half;
+};
+template <>
+struct WmmaElement<at::BFloat16> {
+  using type = __nv_bfloat16;
+};
+
+template <typename T>
+constexpr bool kHasTensorCorePath =
+    std::is_same_v<T, at::Half> || std::is_same_v<T, at::BFloat16>;
+
+// grid as implicit_gemm_kernel's, with the tensor-core tile.
+template <typename Problem>
+__global__ void __launch_bounds__(kMmaThreads)
+    implicit_gemm_mma_kernel(Problem p, int64_t splits, int64_t k_per_split) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800  // kMmaMinArch
+  namespace wmma = nvcuda::wmma;
+  using T = typename Problem::Element;
+  using W = typename WmmaElement<T>::type;
+  static_assert(sizeof(T) == sizeof(W));
+  // Shared rows padded against bank conflicts. wmma wants leading dimensions that are
+  // multiples of 16 bytes and fragment pointers 32-byte aligned: each fragment starts at
+  // a row that is a multiple of 16 and a column that is a multiple of 16 elements.
+  constexpr int kAPitch = kMmaTileK + 8;  // a_tile[m][k], 16-bit
+  constexpr int kBPitch = kMmaTileN + 8;  // b_tile[k][n], 16-bit
+  constexpr int kCPitch = kMmaTileN + 4;  // c_tile[m][n], float
+  constexpr int kFragment = 16;           // wmma's 16 x 16 x 16 shape
+  __shared__ __align__(32) T a_tile[kMmaTileM * kAPitch];
+  __shared__ __align__(32) T b_tile[kMmaTileK * kBPitch];
+  __shared__ __align__(32) float c_tile[kMmaTileM * kCPitch];
+  const int64_t M = p.m(), N = p.n(), K = p.k();
+  const int64_t g = blockIdx.z / splits, split = blockIdx.z - g * splits;
+  const int64_t row0 = static_cast<int64_t>(blockIdx.y) * kMmaTileM;
+  const int64_t col0 = static_cast<int64_t>(blockIdx.x) * kMmaTileN;
+  const int64_t k_begin = split * k_per_split;
+  const int64_t k_end = k_begin + k_per_split < K ? k_begin + k_per_split : K;
+  const int tid = threadIdx.x;
+  const int warp = tid / 32;
+  const int warp_row = (warp / 2) * 32, warp_col = (warp % 2) * 32;
+
+  wmma::fragment<wmma::accumulator, kFragment, kFragment, kFragment, float> acc[2][2];
+#pragma unroll
+  for (int i = 0; i < 2; ++i) {
+#pragma unroll
+    for (int j = 0; j < 2; ++j) wmma::fill_fragment(acc[i][j], 0.0f);
+  }
+  for (int64_t k0 = k_begin; k0 < k_end; k0 += kMmaTileK) {
+    // k fastest for A (a weight row is contiguous in k), n fastest for B (output
+    // positions); zero outside the matrices.
+    for (int e = tid; e < kMmaTileM * kMmaTileK; e += kMmaThreads) {
+      const int r = e / kMmaTileK, kk = e - r * kMmaTileK;
+      const int64_t row = row0 + r, k = k0 + kk;
+      a_tile[r * kAPitch + kk] = (row < M && k < k_end) ? static_cast<T>(p.a(g, row, k)) : T(0);
+    }
+    for (int e = tid; e < kMmaTileK * kMmaTileN; e += kMmaThreads) {
+      const int kk = e / kMmaTileN, c = e - kk * kMmaTileN;
+      const int64_t col = col0 + c, k = k0 + kk;
+      b_tile[kk * kBPitch + c] = (col < N && k < k_end) ? static_cast<T>(p.b(g, k, col)) : T(0);
+    }
+    __syncthreads();
+    const W* a_shared = reinterpret_cast<const W*>(a_tile);
+    const W* b_shared = reinterpret_cast<const W*>(b_tile);
+#pragma unroll
+    for (int kk = 0; kk < kMmaTileK; kk += kFragment) {
+      wmma::fragment<wmma::matrix_a, kFragment, kFragment, kFragment, W, wmma::row_major> a_frag[2];
+      wmma::fragment<wmma::matrix_b, kFragment, kFragment, kFragment, W, wmma::row_major> b_frag[2];
+#pragma unroll
+      for (int i = 0; i < 2; ++i) {
+        wmma::load_matrix_sync(a_frag[i], a_shared + (warp_row + i * kFragment) * kAPitch + kk,
+                               kAPitch);
+      }
+#pragma unroll
+      for (int j = 0; j < 2; ++j) {
+        wmma::load_matrix_sync(b_frag[j], b_shared + kk * kBPitch + warp_col + j * kFragment,
+                               kBPitch);
+      }
+#pragma unroll
+      for (int i = 0; i < 2; ++i) {
+#pragma unroll
+        for (int j = 0; j < 2; ++j) wmma::mma_sync(acc[i][j], a_frag[i], b_frag[j], acc[i][j]);
+      }
+    }
+    __syncthreads();
+  }
+#pragma unroll
+  for (int i = 0; i < 2; ++i) {
+#pragma unroll
+    for (int j = 0; j < 2; ++j) {
+      wmma::store_matrix_sync(
+          c_tile + (warp_row + i * kFragment) * kCPitch + warp_col + j * kFragment, acc[i][j],
+          kCPitch, wmma::mem_row_major);
+    }
+  }
+  __syncthreads();
+  for (int e = tid; e < kMmaTileM * kMmaTileN; e += kMmaThreads) {
+    const int r = e / kMmaTileN, c = e - r * kMmaTileN;
+    const int64_t row = row0 + r, col = col0 + c;
+    if (row < M && col < N) p.store(g, split, row, col, c_tile[r * kCPitch + c]);
+  }
+#else
+  __trap();  // never launched: compiled_for_tensor_cores() checks the architecture
+#endif
+}
+
+// Whether `kernel`'s code for the current device was compiled for an architecture with
+// the wmma types used (a binary built only for older archs and JIT-compiled from their
+// PTX has the kernel's empty body).
+template <typename Kernel>
+bool compiled_for_tensor_cores(Kernel* kernel) {
+  cudaFuncAttributes attributes{};
+  C10_CUDA_CHECK(cudaFuncGetAttributes(&attributes, kernel));
+  return attributes.ptxVersion >= kMmaMinArch;
+}
+
+// ---- Launch ------------------------------------------------------------------------------
+
+// Tensor cores for float16 and bfloat16 where the device and the binary have them, the
+// CUDA-core kernel otherwise.
 template <typename Problem>
 void launch_implicit_gemm(const Problem& p, int64_t groups, int64_t splits) {
-  const int64_t k_per_split = ceil_div(ceil_div(p.k(), splits), kTileK) * kTileK;
-  const dim3 grid(ceil_div(p.n(), kTileN), ceil_div(p.m(), kTileM), groups * splits);
+  using T = typename Problem::Element;
+  bool tensor_cores = false;
+  if constexpr (kHasTensorCorePath<T>) {
+    tensor_cores = at::cuda::getCurrentDeviceProperties()->major * 10 >= kMmaMinArch &&
+                   compiled_for_tensor_cores(implicit_gemm_mma_kernel<Problem>);
+  }
+  const int tile_m = tensor_cores ? kMmaTileM : kTileM;
+  const int tile_n = tensor_cores ? kMmaTileN : kTileN;
+  const int tile_k = tensor_cores ? kMmaTileK : kTileK;
+  const int64_t k_per_split = ceil_div(ceil_div(p.k(), splits), tile_k) * tile_k;
+  const dim3 grid(ceil_div(p.n(), tile_n), ceil_div(p.m(), tile_m), groups * splits);
   TORCH_CHECK(grid.y <= 65535 && grid.z <= 65535, "pyops.conv2d (CUDA): too many ",
               grid.y > 65535 ? "output channels per group" : "groups", " for one launch");
-  implicit_gemm_kernel<<<grid, kGemmThreads, 0, at::cuda::getCurrentCUDAStream()>>>(
-      p, splits, k_per_split);
+  const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+  if constexpr (kHasTensorCorePath<T>) {
+    if (tensor_cores) {
+      implicit_gemm_mma_kernel<<<grid, kMmaThreads, 0, stream>>>(p, splits, k_per_split);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      return;
+    }
+  }
+  implicit_gemm_kernel<<<grid, kGemmThreads, 0, stream>>>(p, splits, k_per_split);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
