@@ -17,12 +17,16 @@
 #include <ATen/Dispatch.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
+#include <c10/cuda/CUDAFunctions.h>
 #include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAMacros.h>
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <mma.h>
 
 #include <algorithm>
+#include <array>
+#include <atomic>
 #include <type_traits>
 
 #include "activation/activation.h"
@@ -326,38 +330,54 @@ __global__ void __launch_bounds__(kMmaThreads)
 #endif
 }
 
-// Whether `kernel`'s code for the current device was compiled for an architecture with
-// the wmma types used (a binary built only for older archs and JIT-compiled from their
-// PTX has the kernel's empty body).
+// Whether the code the current device runs for `kernel` was compiled for an
+// architecture with the wmma types used: a binary built only for older archs and
+// JIT-compiled from their PTX has the kernel's empty body. Asked once per device.
 template <typename Kernel>
 bool compiled_for_tensor_cores(Kernel* kernel) {
-  cudaFuncAttributes attributes{};
-  C10_CUDA_CHECK(cudaFuncGetAttributes(&attributes, kernel));
-  return attributes.ptxVersion >= kMmaMinArch;
+  static std::array<std::atomic<int8_t>, C10_COMPILE_TIME_MAX_GPUS> known{};  // 0: not asked
+  const c10::DeviceIndex device = c10::cuda::current_device();
+  int8_t answer = known[device].load(std::memory_order_relaxed);
+  if (answer == 0) {
+    cudaFuncAttributes attributes{};
+    C10_CUDA_CHECK(cudaFuncGetAttributes(&attributes, kernel));
+    answer = attributes.ptxVersion >= kMmaMinArch ? 1 : 2;
+    known[device].store(answer, std::memory_order_relaxed);
+  }
+  return answer == 1;
 }
 
 // ---- Launch ------------------------------------------------------------------------------
 
-// Tensor cores for float16 and bfloat16 where the device and the binary have them, the
-// CUDA-core kernel otherwise.
+// The kernel a problem runs with, and its tile: tensor cores for float16 and bfloat16
+// where the device and the compiled code have them, CUDA cores otherwise.
+struct GemmTiling {
+  bool tensor_cores;
+  int tile_m, tile_n, tile_k, threads;
+};
+
 template <typename Problem>
-void launch_implicit_gemm(const Problem& p, int64_t groups, int64_t splits) {
-  using T = typename Problem::Element;
-  bool tensor_cores = false;
-  if constexpr (kHasTensorCorePath<T>) {
-    tensor_cores = at::cuda::getCurrentDeviceProperties()->major * 10 >= kMmaMinArch &&
-                   compiled_for_tensor_cores(implicit_gemm_mma_kernel<Problem>);
+GemmTiling gemm_tiling() {
+  if constexpr (kHasTensorCorePath<typename Problem::Element>) {
+    if (at::cuda::getCurrentDeviceProperties()->major * 10 >= kMmaMinArch &&
+        compiled_for_tensor_cores(implicit_gemm_mma_kernel<Problem>)) {
+      return {true, kMmaTileM, kMmaTileN, kMmaTileK, kMmaThreads};
+    }
   }
-  const int tile_m = tensor_cores ? kMmaTileM : kTileM;
-  const int tile_n = tensor_cores ? kMmaTileN : kTileN;
-  const int tile_k = tensor_cores ? kMmaTileK : kTileK;
-  const int64_t k_per_split = ceil_div(ceil_div(p.k(), splits), tile_k) * tile_k;
-  const dim3 grid(ceil_div(p.n(), tile_n), ceil_div(p.m(), tile_m), groups * splits);
+  return {false, kTileM, kTileN, kTileK, kGemmThreads};
+}
+
+template <typename Problem>
+void launch_implicit_gemm(const Problem& p, const GemmTiling& tiling, int64_t groups,
+                          int64_t splits) {
+  const int64_t k_per_split = ceil_div(ceil_div(p.k(), splits), tiling.tile_k) * tiling.tile_k;
+  const dim3 grid(ceil_div(p.n(), tiling.tile_n), ceil_div(p.m(), tiling.tile_m),
+                  groups * splits);
   TORCH_CHECK(grid.y <= 65535 && grid.z <= 65535, "pyops.conv2d (CUDA): too many ",
               grid.y > 65535 ? "output channels per group" : "groups", " for one launch");
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
-  if constexpr (kHasTensorCorePath<T>) {
-    if (tensor_cores) {
+  if constexpr (kHasTensorCorePath<typename Problem::Element>) {
+    if (tiling.tensor_cores) {
       implicit_gemm_mma_kernel<<<grid, kMmaThreads, 0, stream>>>(p, splits, k_per_split);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
       return;
@@ -365,6 +385,11 @@ void launch_implicit_gemm(const Problem& p, int64_t groups, int64_t splits) {
   }
   implicit_gemm_kernel<<<grid, kGemmThreads, 0, stream>>>(p, splits, k_per_split);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+template <typename Problem>
+void launch_implicit_gemm(const Problem& p, int64_t groups) {
+  launch_implicit_gemm(p, gemm_tiling<Problem>(), groups, 1);
 }
 
 // ---- Depthwise (one input channel per group): one thread per output element --------------
@@ -448,7 +473,7 @@ void forward(const ConvShape& s, const Tensor& input, const Tensor& weight, cons
       ForwardProblem<scalar_t, decltype(fn)> p{s, input.const_data_ptr<scalar_t>(),
                                                weight.const_data_ptr<scalar_t>(), b,
                                                output.data_ptr<scalar_t>(), fn};
-      launch_implicit_gemm(p, s.groups, 1);
+      launch_implicit_gemm(p, s.groups);
     });
   });
 }
@@ -471,7 +496,7 @@ void backward_input(const ConvShape& s, const Tensor& grad_output, const Tensor&
       BackwardInputProblem<scalar_t, decltype(fn)> p{s, grad_output.const_data_ptr<scalar_t>(),
                                                      weight.const_data_ptr<scalar_t>(), b,
                                                      grad_input.data_ptr<scalar_t>(), fn};
-      launch_implicit_gemm(p, s.groups, 1);
+      launch_implicit_gemm(p, s.groups);
     });
   });
 }
@@ -483,16 +508,19 @@ void backward_weight(const ConvShape& s, const Tensor& input, const Tensor& grad
     using Acc = opmath_t<scalar_t>;
     BackwardWeightProblem<scalar_t> p{s, input.const_data_ptr<scalar_t>(),
                                       grad_output.const_data_ptr<scalar_t>(), nullptr};
-    // Enough K splits for about one wave of blocks, each split at least a few tiles long.
-    const int64_t blocks = ceil_div(p.n(), kTileN) * ceil_div(p.m(), kTileM) * s.groups;
+    // Enough K splits for about one wave of blocks, each split at least a few tiles long
+    // (a wave counted by threads: the tensor-core kernel's registers may allow fewer).
+    const GemmTiling tiling = gemm_tiling<decltype(p)>();
+    const int64_t blocks =
+        ceil_div(p.n(), tiling.tile_n) * ceil_div(p.m(), tiling.tile_m) * s.groups;
     const int64_t splits = std::clamp<int64_t>(
-        std::min(ceil_div(cuda::resident_blocks(kGemmThreads), blocks),
-                 ceil_div(p.k(), 8 * kTileK)),
+        std::min(ceil_div(cuda::resident_blocks(tiling.threads), blocks),
+                 ceil_div(p.k(), 8 * tiling.tile_k)),
         1, std::max<int64_t>(1, 65535 / s.groups));
     Tensor workspace = at::empty({splits, s.out_channels, s.patch_size()},
                                  input.options().dtype(c10::CppTypeToScalarType<Acc>::value));
     p.workspace = workspace.mutable_data_ptr<Acc>();
-    launch_implicit_gemm(p, s.groups, splits);
+    launch_implicit_gemm(p, tiling, s.groups, splits);
     const int64_t n = s.out_channels * s.patch_size();
     // grad_weight = the splits' partial sums, added in split order.
     cuda::launch_sum_rows_in_order(p.workspace, splits, n, grad_weight.data_ptr<scalar_t>(),
