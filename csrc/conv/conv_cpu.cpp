@@ -613,6 +613,48 @@ std::pair<int64_t, int64_t> inside_columns(const ConvShape& s, int64_t kw) {
   return {lo, hi};
 }
 
+// dst[j] = src[2 j] for j in [0, n): two loads and a deinterleave per vector. The loads
+// stop at src[2 n - 2], the last element read (the row may end there).
+template <typename T>
+void copy_even(const T* src, T* dst, int64_t n) {
+  using Vec = Vectorized<T>;
+  constexpr int64_t kLanes = Vec::size();
+  int64_t j = 0;
+  for (; j + kLanes < n; j += kLanes) {  // reads up to src[2 j + 2 kLanes - 1] <= src[2 n - 3]
+    at::vec::deinterleave2(Vec::loadu(src + 2 * j), Vec::loadu(src + 2 * j + kLanes))
+        .first.store(dst + j);
+  }
+  const int64_t tail = n - j, needed = 2 * tail - 1;  // src[2 j .. 2 n - 2]
+  if (tail <= 0) return;
+  const Vec low = Vec::loadu(src + 2 * j, std::min(kLanes, needed));
+  const Vec high = needed > kLanes ? Vec::loadu(src + 2 * j + kLanes, needed - kLanes) : Vec(T(0));
+  at::vec::deinterleave2(low, high).first.store(dst + j, tail);
+}
+
+// dst[2 j] += src[j] for j in [0, n), the adjoint of copy_even: each pair of dst vectors
+// gets src interleaved with zeros added (x + 0 is x: the accumulators start at +0, so
+// none is -0), and only dst[0 .. 2 n - 2] is read or written.
+template <typename T>
+void add_to_even(const T* src, T* dst, int64_t n) {
+  using Vec = Vectorized<T>;
+  constexpr int64_t kLanes = Vec::size();
+  int64_t j = 0;
+  for (; j + kLanes < n; j += kLanes) {
+    const auto [low, high] = at::vec::interleave2(Vec::loadu(src + j), Vec(T(0)));
+    (Vec::loadu(dst + 2 * j) + low).store(dst + 2 * j);
+    (Vec::loadu(dst + 2 * j + kLanes) + high).store(dst + 2 * j + kLanes);
+  }
+  const int64_t tail = n - j, needed = 2 * tail - 1;
+  if (tail <= 0) return;
+  const auto [low, high] = at::vec::interleave2(Vec::loadu(src + j, tail), Vec(T(0)));
+  const int64_t low_count = std::min(kLanes, needed);
+  (Vec::loadu(dst + 2 * j, low_count) + low).store(dst + 2 * j, low_count);
+  if (needed > kLanes) {
+    (Vec::loadu(dst + 2 * j + kLanes, needed - kLanes) + high)
+        .store(dst + 2 * j + kLanes, needed - kLanes);
+  }
+}
+
 // col[row, j] = im2col value of column begin + j, for one sample and group, converted to
 // col's type; `ld` is the row stride of col.
 template <typename T, typename C>
@@ -634,6 +676,8 @@ void im2col(const T* plane, const ConvShape& s, int64_t begin, int64_t end, C* c
       std::fill(dst + ow0, dst + a, C(0));
       if (s.stride_w == 1) {
         std::copy(src + a, src + b, dst + a);
+      } else if (std::is_same_v<T, C> && s.stride_w == 2 && b > a) {
+        if constexpr (std::is_same_v<T, C>) copy_even(src + 2 * a, dst + a, b - a);
       } else {
         for (int64_t ow = a; ow < b; ++ow) dst[ow] = static_cast<C>(src[ow * s.stride_w]);
       }
@@ -659,6 +703,8 @@ void col2im_add(const T* col, int64_t ld, const ConvShape& s, int64_t begin, int
       const int64_t a = std::clamp(lo, ow0, ow1), b = std::clamp(hi, a, ow1);
       if (s.stride_w == 1) {
         for (int64_t ow = a; ow < b; ++ow) dst[ow] = dst[ow] + src[ow];
+      } else if (s.stride_w == 2 && b > a) {
+        add_to_even(src + a, dst + 2 * a, b - a);
       } else {
         for (int64_t ow = a; ow < b; ++ow) dst[ow * s.stride_w] = dst[ow * s.stride_w] + src[ow];
       }
