@@ -49,6 +49,16 @@ CONV_CASES = [
     # planes that end in a partial register tile, transposed block and pixel block.
     ("pixels_k3_p1", (2, 64, 9, 7), (64, 64, 3, 3), {"padding": 1}),
     ("pixels_groups2_d2", (1, 6, 13, 11), (128, 3, 3, 2), {"groups": 2, "dilation": (1, 2)}),
+    # Strides up to 2 read the input through phase planes (forward and weight gradient):
+    # every phase used once (k2), taps that share a phase (k3, k4), dilation 3, stride
+    # 2 on one axis only, odd and even sizes, pixel tiles. (Dilation 2 leaves a phase
+    # unread: im2col, as in k3_s2_d2.)
+    ("phases_k2_s2", (2, 8, 9, 10), (6, 8, 2, 2), {"stride": 2}),
+    ("phases_k4_s2_p1", (2, 12, 15, 16), (9, 12, 4, 4), {"stride": 2, "padding": 1}),
+    ("phases_k3_s2_d3", (2, 8, 17, 16), (7, 8, 3, 3), {"stride": 2, "dilation": 3, "padding": 2}),
+    ("k3_s2_d2", (2, 8, 15, 14), (7, 8, 3, 3), {"stride": 2, "dilation": 2, "padding": 2}),
+    ("phases_k3_s21", (1, 5, 11, 12), (10, 5, 3, 3), {"stride": (2, 1), "padding": (0, 1)}),
+    ("phases_pixels_k3_s2_p1", (2, 64, 13, 11), (64, 64, 3, 3), {"stride": 2, "padding": 1}),
 ]
 ACTIVATIONS = ["relu", "leaky_relu", "sigmoid", "tanh", "none"]
 NATIVE_ACTIVATION = {

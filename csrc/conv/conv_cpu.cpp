@@ -7,9 +7,11 @@
 //     "wide" (Wp columns per row, the extra columns discarded), which turns the 2-D
 //     correlation into flat 1-D loops over contiguous memory that vectorize fully
 //     whatever the image width.
-//   - float32: an implicit GEMM over the same wide rows (stride 1; in tiles of output
-//     pixels x channels when a group writes whole 64-channel tiles with AVX-512), or
-//     im2col in column tiles, on pyops' register-tile GEMM (common/cpu_gemm.h).
+//   - float32: an implicit GEMM over the same wide rows (in tiles of output pixels x
+//     channels when a group writes whole 64-channel tiles with AVX-512); stride 2 reads
+//     the input as phase planes (DirectPlan), which makes every tap a shifted plane
+//     again. The input gradient takes it for stride 1 only. Otherwise im2col in column
+//     tiles; both on pyops' register-tile GEMM (common/cpu_gemm.h).
 //   - other dtypes: im2col + ATen's GEMM (the BLAS torch links), per sample and group.
 // All apply bias + activation (activation.h's functors) to each output tile or plane
 // right after computing it, while it is in registers or cache.
@@ -81,23 +83,35 @@ void finish_row_inplace(const Fn& fn, bool has_bias, opmath_t<T> bias, T* out, i
 
 // ---- Direct path ---------------------------------------------------------------------
 
-// A stride-1 correlation of source planes (src_h x src_w) padded by pad_top/pad_left
-// (negative: cropped) into out_h x out_w outputs.
+// A correlation of source planes (src_h x src_w) padded by pad_top/pad_left (negative:
+// cropped) into out_h x out_w outputs; stride 1 unless the plan says otherwise (only the
+// implicit GEMM below takes other strides).
+//
+// A strided plan stages each source plane as stride_h x stride_w phase planes, phase
+// (a, b) holding the padded source's rows a, a + stride_h, ... and columns b, b + stride_w,
+// ...: tap (kh, kw) of output (oh, ow) reads padded source element (stride_h * oh + kh *
+// dilation_h, ...), which is phase ((kh * dilation_h) % stride_h, ...) at row oh +
+// (kh * dilation_h) / stride_h, column ow + (kw * dilation_w) / stride_w. So every tap is
+// again one phase plane shifted by a constant, as with stride 1, and the wide-row
+// machinery runs unchanged, with no im2col matrix.
 struct DirectPlan {
   int64_t src_h, src_w, pad_top, pad_left, out_h, out_w, kernel_h, kernel_w, dilation_h,
       dilation_w;
-  int64_t staged_h() const { return out_h + (kernel_h - 1) * dilation_h; }
-  int64_t staged_w() const { return out_w + (kernel_w - 1) * dilation_w; }
+  int64_t stride_h = 1, stride_w = 1;
+  int64_t phases() const { return stride_h * stride_w; }
+  int64_t staged_h() const { return out_h + (kernel_h - 1) * dilation_h / stride_h; }
+  int64_t staged_w() const { return out_w + (kernel_w - 1) * dilation_w / stride_w; }
+  int64_t phase_size() const { return staged_h() * staged_w(); }
   // Wide outputs: (out_h - 1) full rows of pitch staged_w, then out_w columns. With every
-  // tap's offset added, the last index read is staged_h * staged_w - 1.
+  // tap's offset added, the last index read is the last of its phase plane.
   int64_t wide_len() const { return (out_h - 1) * staged_w() + out_w; }
 };
 
-// A staged plane is padded to a whole number of vectors past its end, so loops over
-// wide outputs rounded up to whole vectors stay in bounds.
+// A staged plane (all its phases) is padded to a whole number of vectors past its end,
+// so loops over wide outputs rounded up to whole vectors stay in bounds.
 template <typename Acc>
 int64_t staged_stride(const DirectPlan& p) {
-  return p.staged_h() * p.staged_w() + Vectorized<Acc>::size();
+  return p.phases() * p.phase_size() + Vectorized<Acc>::size();
 }
 
 // dst[i] = src[i] for i < n, converted to Acc. Rows here are short (a 28-pixel image):
@@ -115,6 +129,24 @@ void copy_row(const T* src, int64_t n, Acc* dst) {
   }
 }
 
+// dst[j] = src[2 j] for j in [0, n): two loads and a deinterleave per vector. The loads
+// stop at src[2 n - 2], the last element read (the row may end there).
+template <typename T>
+void copy_even(const T* src, T* dst, int64_t n) {
+  using Vec = Vectorized<T>;
+  constexpr int64_t kLanes = Vec::size();
+  int64_t j = 0;
+  for (; j + kLanes < n; j += kLanes) {  // reads up to src[2 j + 2 kLanes - 1] <= src[2 n - 3]
+    at::vec::deinterleave2(Vec::loadu(src + 2 * j), Vec::loadu(src + 2 * j + kLanes))
+        .first.store(dst + j);
+  }
+  const int64_t tail = n - j, needed = 2 * tail - 1;  // src[2 j .. 2 n - 2]
+  if (tail <= 0) return;
+  const Vec low = Vec::loadu(src + 2 * j, std::min(kLanes, needed));
+  const Vec high = needed > kLanes ? Vec::loadu(src + 2 * j + kLanes, needed - kLanes) : Vec(T(0));
+  at::vec::deinterleave2(low, high).first.store(dst + j, tail);
+}
+
 // dst[r * pitch + c] = src[r * cols + c] for r < rows, c < cols; zero elsewhere in
 // [0, total). One write per element: staging is as costly as a few taps otherwise.
 template <typename T, typename Acc>
@@ -130,8 +162,53 @@ void copy_rows(const T* src, int64_t rows, int64_t cols, int64_t pitch, int64_t 
   std::fill(out, dst + total, Acc(0));
 }
 
+// Smallest j >= 0 with step * j + first >= bound (step > 0; first, bound of any sign).
+int64_t first_index_reaching(int64_t bound, int64_t first, int64_t step) {
+  const int64_t gap = bound - first;
+  return gap <= 0 ? 0 : ceil_div(gap, step);
+}
+
+// The phase planes of a strided plan (DirectPlan), one after another, then zero slack.
+template <typename T, typename Acc>
+void stage_phases(const T* src, const DirectPlan& p, Acc* dst) {
+  const int64_t hp = p.staged_h(), wp = p.staged_w();
+  for (int64_t a = 0; a < p.stride_h; ++a) {
+    for (int64_t b = 0; b < p.stride_w; ++b) {
+      Acc* phase = dst + (a * p.stride_w + b) * p.phase_size();
+      // Staged column j reads source column stride_w * j + b - pad_left.
+      const int64_t x_first = b - p.pad_left;
+      const int64_t j0 = std::min(wp, first_index_reaching(0, x_first, p.stride_w));
+      const int64_t j1 = std::clamp(first_index_reaching(p.src_w, x_first, p.stride_w), j0, wp);
+      for (int64_t i = 0; i < hp; ++i) {
+        Acc* row = phase + i * wp;
+        const int64_t y = p.stride_h * i + a - p.pad_top;
+        if (y < 0 || y >= p.src_h || j0 == j1) {
+          std::fill(row, row + wp, Acc(0));
+          continue;
+        }
+        std::fill(row, row + j0, Acc(0));
+        const T* src_row = src + y * p.src_w;
+        if constexpr (std::is_same_v<T, Acc>) {
+          if (p.stride_w == 2) {
+            copy_even(src_row + 2 * j0 + x_first, row + j0, j1 - j0);
+          } else {
+            for (int64_t j = j0; j < j1; ++j) row[j] = src_row[p.stride_w * j + x_first];
+          }
+        } else {
+          for (int64_t j = j0; j < j1; ++j) {
+            row[j] = static_cast<Acc>(src_row[p.stride_w * j + x_first]);
+          }
+        }
+        std::fill(row + j1, row + wp, Acc(0));
+      }
+    }
+  }
+  std::fill(dst + p.phases() * p.phase_size(), dst + staged_stride<Acc>(p), Acc(0));
+}
+
 template <typename T, typename Acc>
 void stage_plane(const T* src, const DirectPlan& p, Acc* dst) {
+  if (p.phases() > 1) return stage_phases(src, p, dst);
   // Source rows and columns that land inside the staged plane (pads may be negative).
   const int64_t y0 = std::max<int64_t>(0, -p.pad_top);
   const int64_t y1 = std::min(p.src_h, p.staged_h() - p.pad_top);
@@ -613,24 +690,6 @@ std::pair<int64_t, int64_t> inside_columns(const ConvShape& s, int64_t kw) {
   return {lo, hi};
 }
 
-// dst[j] = src[2 j] for j in [0, n): two loads and a deinterleave per vector. The loads
-// stop at src[2 n - 2], the last element read (the row may end there).
-template <typename T>
-void copy_even(const T* src, T* dst, int64_t n) {
-  using Vec = Vectorized<T>;
-  constexpr int64_t kLanes = Vec::size();
-  int64_t j = 0;
-  for (; j + kLanes < n; j += kLanes) {  // reads up to src[2 j + 2 kLanes - 1] <= src[2 n - 3]
-    at::vec::deinterleave2(Vec::loadu(src + 2 * j), Vec::loadu(src + 2 * j + kLanes))
-        .first.store(dst + j);
-  }
-  const int64_t tail = n - j, needed = 2 * tail - 1;  // src[2 j .. 2 n - 2]
-  if (tail <= 0) return;
-  const Vec low = Vec::loadu(src + 2 * j, std::min(kLanes, needed));
-  const Vec high = needed > kLanes ? Vec::loadu(src + 2 * j + kLanes, needed - kLanes) : Vec(T(0));
-  at::vec::deinterleave2(low, high).first.store(dst + j, tail);
-}
-
 // dst[2 j] += src[j] for j in [0, n), the adjoint of copy_even: each pair of dst vectors
 // gets src interleaved with zeros added (x + 0 is x: the accumulators start at +0, so
 // none is -0), and only dst[0 .. 2 n - 2] is read or written.
@@ -1080,23 +1139,42 @@ void sgemm_backward_weight(const ConvShape& s, const float* in, const float* go,
   grad_weight.view({s.groups, out_pg, k}).copy_(partial.sum(0).transpose(1, 2));
 }
 
-// ---- float32, stride 1: implicit GEMM over wide rows ---------------------------------
+// ---- float32: implicit GEMM over wide rows -------------------------------------------
 // In the direct path's wide coordinates (DirectPlan: planes staged zero-padded with row
 // pitch wp, output (oh, ow) at wide column oh * wp + ow), the im2col row of tap (ic, kh, kw)
 // is the staged plane of ic shifted by kh * dilation_h * wp + kw * dilation_w. The GEMM
 // reads those rows in place through a table of offsets: no im2col matrix is written or
 // read back. The price is the wp - out_w discarded columns of each wide row.
 
-bool use_implicit_gemm(const ConvShape& s) { return s.stride_h == 1 && s.stride_w == 1; }
+// The forward and the weight gradient read the input through phase planes (DirectPlan)
+// for strides up to 2 where some tap reads each phase: staging a phase no tap reads (a 1x1
+// kernel, an even dilation) costs a pass for nothing, and such shapes take im2col (1x1,
+// stride 2: forward 0.62 -> 0.88 ms through phases, 1 thread). The input gradient's
+// correlation form (input_grad_plan) exists for stride 1 only.
+bool taps_read_every_phase(int64_t stride, int64_t kernel, int64_t dilation) {
+  return stride == 1 || (stride == 2 && kernel >= 2 && dilation % 2 == 1);
+}
+bool implicit_gemm_reads_input(const ConvShape& s) {
+  return taps_read_every_phase(s.stride_h, s.kernel_h, s.dilation_h) &&
+         taps_read_every_phase(s.stride_w, s.kernel_w, s.dilation_w);
+}
+bool implicit_gemm_writes_input_grad(const ConvShape& s) {
+  return s.stride_h == 1 && s.stride_w == 1;
+}
 
-// Offsets of the taps (ic, kh, kw) of `channels` staged planes, in im2col row order.
+// Offsets of the taps (ic, kh, kw) of `channels` staged planes, in im2col row order: the
+// tap's phase plane (DirectPlan) shifted by its row and column.
 std::vector<int64_t> tap_offsets(const DirectPlan& p, int64_t channels, int64_t plane_stride) {
   std::vector<int64_t> offsets;
   offsets.reserve(channels * p.kernel_h * p.kernel_w);
   for (int64_t ic = 0; ic < channels; ++ic) {
     for (int64_t kh = 0; kh < p.kernel_h; ++kh) {
+      const int64_t y = kh * p.dilation_h;
       for (int64_t kw = 0; kw < p.kernel_w; ++kw) {
-        offsets.push_back(ic * plane_stride + kh * p.dilation_h * p.staged_w() + kw * p.dilation_w);
+        const int64_t x = kw * p.dilation_w;
+        const int64_t phase = (y % p.stride_h) * p.stride_w + x % p.stride_w;
+        offsets.push_back(ic * plane_stride + phase * p.phase_size() +
+                          y / p.stride_h * p.staged_w() + x / p.stride_w);
       }
     }
   }
@@ -1116,7 +1194,7 @@ void store_wide(const TileT& acc, int rows, int64_t col0, int64_t cols,
   }
 }
 
-// output = act(conv(input) + bias) of a stride-1 plan; `weights` is [groups * out_pg,
+// output = act(conv(input) + bias) of a plan; `weights` is [groups * out_pg,
 // in_pg * kh * kw]. Tasks are (sample, group, chunk of whole register-tile row blocks of
 // output channels), so that a batch of one still uses every thread; each task stages its
 // input planes. An output row's value does not depend on the chunking.
@@ -1161,7 +1239,7 @@ void implicit_forward(const Fn& fn, const DirectPlan& p, int64_t batch, int64_t 
   });
 }
 
-// ---- float32, stride 1: implicit GEMM over output pixels ------------------------------
+// ---- float32: implicit GEMM over output pixels ----------------------------------------
 // The transposed orientation of implicit_forward: a register tile is kRows output pixels x
 // whole vectors of output channels. Each step broadcasts one staged input value per pixel
 // (at the tap's offset from the pixel's wide column) and loads a row of the weights laid
@@ -1283,7 +1361,7 @@ void implicit_forward_pixels(const Fn& fn, const DirectPlan& p, int64_t batch, i
   });
 }
 
-// The stride-1 correlation of implicit_forward (`weights` [groups * out_pg, k], dense), in
+// The correlation of implicit_forward (`weights` [groups * out_pg, k], dense), in
 // pixel tiles where use_pixel_tiles says they fit.
 template <typename Fn>
 void implicit_correlation(const Fn& fn, const DirectPlan& p, int64_t batch, int64_t groups,
@@ -1331,9 +1409,20 @@ void implicit_backward_weight(const ConvShape& s, const DirectPlan& p, const flo
           for (int64_t oh0 = 0; oh0 < s.out_h; oh0 += rows_per_chunk) {
             const int64_t chunk_rows = std::min(rows_per_chunk, s.out_h - oh0);
             const int64_t columns = chunk_rows * s.out_w;  // contiguous in each grad plane
+            // grad_t[q][o] = chunk[o][q]: 16 x 16 blocks through registers (element by
+            // element this was a third of the GEMM's time), the last < 16 columns scalar.
+            const float* chunk = grad + oh0 * s.out_w;
+            const int64_t whole = columns / 16 * 16;
+            for (int64_t q0 = 0; q0 < whole; q0 += 16) {
+              for (int64_t o0 = 0; o0 < out_pg; o0 += 16) {
+                transpose_16(chunk + o0 * out_plane + q0, out_plane,
+                             std::min<int64_t>(16, out_pg - o0), grad_t.data() + q0 * ldb + o0,
+                             ldb);
+              }
+            }
             for (int64_t o = 0; o < out_pg; ++o) {
-              const float* src_o = grad + o * out_plane + oh0 * s.out_w;
-              for (int64_t q = 0; q < columns; ++q) grad_t[q * ldb + o] = src_o[q];
+              const float* src_o = chunk + o * out_plane;
+              for (int64_t q = whole; q < columns; ++q) grad_t[q * ldb + o] = src_o[q];
             }
             for (int64_t row = 0; row < chunk_rows; ++row) {
               runs[row] = gemm::Run{(oh0 + row) * wp, s.out_w};
@@ -1396,8 +1485,9 @@ bool all_finite(const Tensor& t) {
 }
 
 DirectPlan forward_plan(const ConvShape& s) {
-  return DirectPlan{s.in_h,     s.in_w,     s.pad_h,      s.pad_w,      s.out_h,
-                    s.out_w,    s.kernel_h, s.kernel_w, s.dilation_h, s.dilation_w};
+  return DirectPlan{s.in_h,       s.in_w,       s.pad_h,    s.pad_w,    s.out_h,    s.out_w,
+                    s.kernel_h,   s.kernel_w,   s.dilation_h, s.dilation_w, s.stride_h,
+                    s.stride_w};
 }
 
 // The path of one pass. `in_pg`/`out_pg` are the channels per group as the pass reads
@@ -1405,11 +1495,12 @@ DirectPlan forward_plan(const ConvShape& s) {
 // only, not on the thread count, so neither do the result's bits.
 enum class Path { kDirect, kImplicitGemm, kPackedGemm, kAtenGemm };
 
+// `implicit`: whether the implicit GEMM serves this pass of this shape.
 template <typename T>
-Path choose_path(const ConvShape& s, int64_t in_pg, int64_t out_pg) {
+Path choose_path(const ConvShape& s, int64_t in_pg, int64_t out_pg, bool implicit) {
   if (use_direct(in_pg, out_pg, s.stride_h, s.stride_w)) return Path::kDirect;
   if constexpr (std::is_same_v<T, float>) {
-    return use_implicit_gemm(s) ? Path::kImplicitGemm : Path::kPackedGemm;
+    return implicit ? Path::kImplicitGemm : Path::kPackedGemm;
   }
   return Path::kAtenGemm;
 }
@@ -1421,11 +1512,11 @@ Path choose_path(const ConvShape& s, int64_t in_pg, int64_t out_pg) {
 // than use_direct's bound, the GEMM wins even over few read channels (the seed network's
 // conv1, 1 -> 32 channels: forward 0.46 -> 0.39 ms, 1 thread).
 template <typename T>
-Path correlation_path(const ConvShape& s, int64_t in_pg, int64_t out_pg) {
-  if (std::is_same_v<T, float> && use_implicit_gemm(s) && out_pg > kDirectMaxChannels) {
+Path correlation_path(const ConvShape& s, int64_t in_pg, int64_t out_pg, bool implicit) {
+  if (std::is_same_v<T, float> && implicit && out_pg > kDirectMaxChannels) {
     return Path::kImplicitGemm;
   }
-  return choose_path<T>(s, in_pg, out_pg);
+  return choose_path<T>(s, in_pg, out_pg, implicit);
 }
 
 // With stride 1 the input gradient is a correlation of grad_output with the flipped
@@ -1458,7 +1549,8 @@ void forward(const ConvShape& s, const Tensor& input, const Tensor& weight, cons
   PYOPS_DISPATCH_FLOATING(input.scalar_type(), "pyops_conv2d_forward_cpu", [&] {
     using Acc = opmath_t<scalar_t>;
     const scalar_t* b = bias.defined() ? bias.const_data_ptr<scalar_t>() : nullptr;
-    const Path path = correlation_path<scalar_t>(s, s.in_per_group(), s.out_per_group());
+    const Path path = correlation_path<scalar_t>(s, s.in_per_group(), s.out_per_group(),
+                                                 implicit_gemm_reads_input(s));
     visit_activation<Acc>(act, slope, [&](auto fn) {
       if (path == Path::kDirect) {
         const Tensor w = weight.to(c10::CppTypeToScalarType<Acc>::value).contiguous();
@@ -1486,7 +1578,8 @@ void backward_input(const ConvShape& s, const Tensor& grad_output, const Tensor&
   PYOPS_DISPATCH_FLOATING(grad_output.scalar_type(), "pyops_conv2d_backward_input_cpu", [&] {
     using Acc = opmath_t<scalar_t>;
     const scalar_t* b = bias.defined() ? bias.const_data_ptr<scalar_t>() : nullptr;
-    Path path = correlation_path<scalar_t>(s, s.out_per_group(), s.in_per_group());
+    Path path = correlation_path<scalar_t>(s, s.out_per_group(), s.in_per_group(),
+                                           implicit_gemm_writes_input_grad(s));
     if ((path == Path::kDirect || path == Path::kImplicitGemm) && !all_finite(weight)) {
       path = std::is_same_v<scalar_t, float> ? Path::kPackedGemm : Path::kAtenGemm;
     }
@@ -1516,10 +1609,11 @@ void backward_input(const ConvShape& s, const Tensor& grad_output, const Tensor&
 void backward_weight(const ConvShape& s, const Tensor& input, const Tensor& grad_output,
                      const Tensor& grad_weight) {
   PYOPS_DISPATCH_FLOATING(input.scalar_type(), "pyops_conv2d_backward_weight_cpu", [&] {
-    Path path = choose_path<scalar_t>(s, s.in_per_group(), s.out_per_group());
+    const bool implicit = implicit_gemm_reads_input(s);
+    Path path = choose_path<scalar_t>(s, s.in_per_group(), s.out_per_group(), implicit);
     if (path == Path::kDirect && !all_finite(input)) {
       path = !std::is_same_v<scalar_t, float> ? Path::kAtenGemm
-             : use_implicit_gemm(s)          ? Path::kImplicitGemm
+             : implicit                      ? Path::kImplicitGemm
                                              : Path::kPackedGemm;
     }
     if (path == Path::kDirect) {
