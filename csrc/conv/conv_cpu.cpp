@@ -991,6 +991,61 @@ void gemm_backward_weight(const ConvShape& s, const Tensor& input, const Tensor&
   grad_weight.view({s.out_channels, k}).copy_(partial.sum(0));
 }
 
+// dst[c * ldd + q] = src[q * lds + c] for q < pixels (at most 16), c < 16.
+inline void transpose_16(const float* src, int64_t lds, int64_t pixels, float* dst, int64_t ldd) {
+#if defined(CPU_CAPABILITY_AVX512)
+  __m512 r[16];
+  for (int q = 0; q < 16; ++q) r[q] = _mm512_loadu_ps(src + std::min<int64_t>(q, pixels - 1) * lds);
+  // Pairs, then quads within each 128-bit lane; then the lanes themselves.
+  __m512 a[16], b[16];
+  for (int i = 0; i < 8; ++i) {
+    a[2 * i] = _mm512_unpacklo_ps(r[2 * i], r[2 * i + 1]);
+    a[2 * i + 1] = _mm512_unpackhi_ps(r[2 * i], r[2 * i + 1]);
+  }
+  for (int i = 0; i < 4; ++i) {
+    b[4 * i] = _mm512_shuffle_ps(a[4 * i], a[4 * i + 2], 0x44);
+    b[4 * i + 1] = _mm512_shuffle_ps(a[4 * i], a[4 * i + 2], 0xEE);
+    b[4 * i + 2] = _mm512_shuffle_ps(a[4 * i + 1], a[4 * i + 3], 0x44);
+    b[4 * i + 3] = _mm512_shuffle_ps(a[4 * i + 1], a[4 * i + 3], 0xEE);
+  }
+  // b[4 * i + j], 128-bit lane l, holds channel 4 * l + j of pixels 4 * i .. 4 * i + 3.
+  const __mmask16 mask = static_cast<__mmask16>((uint32_t{1} << pixels) - 1);
+  for (int j = 0; j < 4; ++j) {
+    const __m512 even0 = _mm512_shuffle_f32x4(b[j], b[4 + j], 0x88);
+    const __m512 odd0 = _mm512_shuffle_f32x4(b[j], b[4 + j], 0xDD);
+    const __m512 even1 = _mm512_shuffle_f32x4(b[8 + j], b[12 + j], 0x88);
+    const __m512 odd1 = _mm512_shuffle_f32x4(b[8 + j], b[12 + j], 0xDD);
+    const __m512 rows[4] = {_mm512_shuffle_f32x4(even0, even1, 0x88),
+                            _mm512_shuffle_f32x4(odd0, odd1, 0x88),
+                            _mm512_shuffle_f32x4(even0, even1, 0xDD),
+                            _mm512_shuffle_f32x4(odd0, odd1, 0xDD)};
+    for (int l = 0; l < 4; ++l) _mm512_mask_storeu_ps(dst + (4 * l + j) * ldd, mask, rows[l]);
+  }
+#else
+  for (int64_t c = 0; c < 16; ++c) {
+    for (int64_t q = 0; q < pixels; ++q) dst[c * ldd + q] = src[q * lds + c];
+  }
+#endif
+}
+
+// dst[j * ldd + o] = src[o * lds + j] for o < rows, j < cols: 16 x 16 blocks through
+// registers, the last cols % 16 columns element by element. The weight gradients
+// transpose grad_output chunks into the GEMM's B with it (element by element this cost a
+// third as much as the GEMM itself).
+inline void transpose_rows(const float* src, int64_t lds, int64_t rows, int64_t cols, float* dst,
+                           int64_t ldd) {
+  const int64_t whole = cols / 16 * 16;
+  for (int64_t j0 = 0; j0 < whole; j0 += 16) {
+    for (int64_t o0 = 0; o0 < rows; o0 += 16) {
+      transpose_16(src + o0 * lds + j0, lds, std::min<int64_t>(16, rows - o0), dst + j0 * ldd + o0,
+                   ldd);
+    }
+  }
+  for (int64_t o = 0; o < rows; ++o) {
+    for (int64_t j = whole; j < cols; ++j) dst[j * ldd + o] = src[o * lds + j];
+  }
+}
+
 // ---- float32: im2col + pyops' register-blocked GEMM (common/cpu_gemm.h) ----------------
 // The same tiling as above, but the GEMM is single-threaded and hands each register tile
 // to the epilogue: the forward writes act(tile + bias) straight into the output, with no
@@ -1118,10 +1173,7 @@ void sgemm_backward_weight(const ConvShape& s, const float* in, const float* go,
           for (int64_t c0 = 0; c0 < cols; c0 += tile) {
             const int64_t width = std::min(tile, cols - c0);
             if (!pointwise) im2col(plane, s, c0, c0 + width, col.data(), width);
-            for (int64_t o = 0; o < out_pg; ++o) {
-              const float* src = grad + o * cols + c0;
-              for (int64_t j = 0; j < width; ++j) grad_t[j * ldb + o] = src[j];
-            }
+            transpose_rows(grad + c0, cols, out_pg, width, grad_t.data(), ldb);
             gemm::gemm_tiles(k, out_pg, width, pointwise ? plane + c0 : col.data(),
                              gemm::StridedRows{pointwise ? cols : width}, grad_t.data(),
                              gemm::StridedRows{ldb}, /*b_padded=*/true,
@@ -1270,43 +1322,6 @@ struct PixelRows {
   }
 };
 
-// dst[c * ldd + q] = src[q * lds + c] for q < pixels (at most 16), c < 16.
-inline void transpose_16(const float* src, int64_t lds, int64_t pixels, float* dst, int64_t ldd) {
-#if defined(CPU_CAPABILITY_AVX512)
-  __m512 r[16];
-  for (int q = 0; q < 16; ++q) r[q] = _mm512_loadu_ps(src + std::min<int64_t>(q, pixels - 1) * lds);
-  // Pairs, then quads within each 128-bit lane; then the lanes themselves.
-  __m512 a[16], b[16];
-  for (int i = 0; i < 8; ++i) {
-    a[2 * i] = _mm512_unpacklo_ps(r[2 * i], r[2 * i + 1]);
-    a[2 * i + 1] = _mm512_unpackhi_ps(r[2 * i], r[2 * i + 1]);
-  }
-  for (int i = 0; i < 4; ++i) {
-    b[4 * i] = _mm512_shuffle_ps(a[4 * i], a[4 * i + 2], 0x44);
-    b[4 * i + 1] = _mm512_shuffle_ps(a[4 * i], a[4 * i + 2], 0xEE);
-    b[4 * i + 2] = _mm512_shuffle_ps(a[4 * i + 1], a[4 * i + 3], 0x44);
-    b[4 * i + 3] = _mm512_shuffle_ps(a[4 * i + 1], a[4 * i + 3], 0xEE);
-  }
-  // b[4 * i + j], 128-bit lane l, holds channel 4 * l + j of pixels 4 * i .. 4 * i + 3.
-  const __mmask16 mask = static_cast<__mmask16>((uint32_t{1} << pixels) - 1);
-  for (int j = 0; j < 4; ++j) {
-    const __m512 even0 = _mm512_shuffle_f32x4(b[j], b[4 + j], 0x88);
-    const __m512 odd0 = _mm512_shuffle_f32x4(b[j], b[4 + j], 0xDD);
-    const __m512 even1 = _mm512_shuffle_f32x4(b[8 + j], b[12 + j], 0x88);
-    const __m512 odd1 = _mm512_shuffle_f32x4(b[8 + j], b[12 + j], 0xDD);
-    const __m512 rows[4] = {_mm512_shuffle_f32x4(even0, even1, 0x88),
-                            _mm512_shuffle_f32x4(odd0, odd1, 0x88),
-                            _mm512_shuffle_f32x4(even0, even1, 0xDD),
-                            _mm512_shuffle_f32x4(odd0, odd1, 0xDD)};
-    for (int l = 0; l < 4; ++l) _mm512_mask_storeu_ps(dst + (4 * l + j) * ldd, mask, rows[l]);
-  }
-#else
-  for (int64_t c = 0; c < 16; ++c) {
-    for (int64_t q = 0; q < pixels; ++q) dst[c * ldd + q] = src[q * lds + c];
-  }
-#endif
-}
-
 // implicit_forward's result, in pixel tiles (use_pixel_tiles(out_pg)). `weights_t` is
 // [groups, k, out_pg]. Tasks are (sample, group, chunk of pixel blocks).
 template <typename Fn>
@@ -1409,21 +1424,7 @@ void implicit_backward_weight(const ConvShape& s, const DirectPlan& p, const flo
           for (int64_t oh0 = 0; oh0 < s.out_h; oh0 += rows_per_chunk) {
             const int64_t chunk_rows = std::min(rows_per_chunk, s.out_h - oh0);
             const int64_t columns = chunk_rows * s.out_w;  // contiguous in each grad plane
-            // grad_t[q][o] = chunk[o][q]: 16 x 16 blocks through registers (element by
-            // element this was a third of the GEMM's time), the last < 16 columns scalar.
-            const float* chunk = grad + oh0 * s.out_w;
-            const int64_t whole = columns / 16 * 16;
-            for (int64_t q0 = 0; q0 < whole; q0 += 16) {
-              for (int64_t o0 = 0; o0 < out_pg; o0 += 16) {
-                transpose_16(chunk + o0 * out_plane + q0, out_plane,
-                             std::min<int64_t>(16, out_pg - o0), grad_t.data() + q0 * ldb + o0,
-                             ldb);
-              }
-            }
-            for (int64_t o = 0; o < out_pg; ++o) {
-              const float* src_o = chunk + o * out_plane;
-              for (int64_t q = whole; q < columns; ++q) grad_t[q * ldb + o] = src_o[q];
-            }
+            transpose_rows(grad + oh0 * s.out_w, out_plane, out_pg, columns, grad_t.data(), ldb);
             for (int64_t row = 0; row < chunk_rows; ++row) {
               runs[row] = gemm::Run{(oh0 + row) * wp, s.out_w};
             }
