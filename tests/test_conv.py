@@ -49,6 +49,9 @@ CONV_CASES = [
     # planes that end in a partial register tile, transposed block and pixel block.
     ("pixels_k3_p1", (2, 64, 9, 7), (64, 64, 3, 3), {"padding": 1}),
     ("pixels_groups2_d2", (1, 6, 13, 11), (128, 3, 3, 2), {"groups": 2, "dilation": (1, 2)}),
+    # 32 channels per group: half-width pixel tiles (forward and input gradient).
+    ("pixels32_k3_p1", (2, 32, 9, 10), (32, 32, 3, 3), {"padding": 1}),
+    ("pixels32_groups2", (1, 64, 7, 9), (64, 32, 3, 3), {"groups": 2}),
     # Strides up to 2 read the input through phase planes (forward and weight gradient):
     # every phase used once (k2), taps that share a phase (k3, k4), dilation 3, stride
     # 2 on one axis only, odd and even sizes, pixel tiles. (Dilation 2 leaves a phase
