@@ -22,6 +22,7 @@
 #include <sstream>
 #include <vector>
 
+#include "common/autocast.h"
 #include "common/checks.h"
 #include "common/memory.h"
 #include "common/operators.h"
@@ -634,6 +635,25 @@ TORCH_LIBRARY_IMPL(pyops, CPU, m) {
 
 TORCH_LIBRARY_IMPL(pyops, CUDA, m) {
   PYOPS_CONV_DEVICE_IMPLS(m);
+}
+
+constexpr char kConv2dName[] = "pyops::conv2d";
+constexpr char kConv2dBiasActName[] = "pyops::conv2d_bias_act";
+constexpr char kConvTranspose2dName[] = "pyops::conv_transpose2d";
+
+// Convolutions run in the autocast dtype, as torch's do (common/autocast.h).
+#define PYOPS_CONV_AUTOCAST_IMPLS(m, device)                                                    \
+  m.impl("conv2d", lower_precision_autocast<device, ConvSignature, kConv2dName>);               \
+  m.impl("conv2d_bias_act", lower_precision_autocast<device, ConvActSignature,                  \
+                                                     kConv2dBiasActName>);                      \
+  m.impl("conv_transpose2d", lower_precision_autocast<device, ConvTSignature, kConvTranspose2dName>)
+
+TORCH_LIBRARY_IMPL(pyops, AutocastCPU, m) {
+  PYOPS_CONV_AUTOCAST_IMPLS(m, c10::DeviceType::CPU);
+}
+
+TORCH_LIBRARY_IMPL(pyops, AutocastCUDA, m) {
+  PYOPS_CONV_AUTOCAST_IMPLS(m, c10::DeviceType::CUDA);
 }
 
 TORCH_LIBRARY_IMPL(pyops, Autograd, m) {

@@ -13,6 +13,7 @@
 #include <torch/library.h>
 
 #include "activation/activation.h"
+#include "common/autocast.h"
 #include "common/checks.h"
 #include "common/memory.h"
 #include "common/operators.h"
@@ -211,6 +212,19 @@ TORCH_LIBRARY_IMPL(pyops, CPU, m) {
 
 TORCH_LIBRARY_IMPL(pyops, CUDA, m) {
   m.impl("linear_act", linear_act_impl);
+}
+
+constexpr char kLinearActName[] = "pyops::linear_act";
+
+// Linear layers run in the autocast dtype, as torch's do (common/autocast.h).
+TORCH_LIBRARY_IMPL(pyops, AutocastCPU, m) {
+  m.impl("linear_act",
+         lower_precision_autocast<c10::DeviceType::CPU, LinearActSignature, kLinearActName>);
+}
+
+TORCH_LIBRARY_IMPL(pyops, AutocastCUDA, m) {
+  m.impl("linear_act",
+         lower_precision_autocast<c10::DeviceType::CUDA, LinearActSignature, kLinearActName>);
 }
 
 TORCH_LIBRARY_IMPL(pyops, Autograd, m) {
