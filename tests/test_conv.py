@@ -62,6 +62,10 @@ CONV_CASES = [
     ("k3_s2_d2", (2, 8, 15, 14), (7, 8, 3, 3), {"stride": 2, "dilation": 2, "padding": 2}),
     ("phases_k3_s21", (1, 5, 11, 12), (10, 5, 3, 3), {"stride": (2, 1), "padding": (0, 1)}),
     ("phases_pixels_k3_s2_p1", (2, 64, 13, 11), (64, 64, 3, 3), {"stride": 2, "padding": 1}),
+    # ... and the input gradient by phases: k >= 4 along a stride-2 axis, >= 32 channels.
+    ("phases_grad_k4_s2_p1", (2, 32, 13, 12), (24, 32, 4, 4), {"stride": 2, "padding": 1}),
+    ("phases_grad_k5_s2_d3", (1, 64, 21, 17), (8, 64, 5, 4),
+     {"stride": (2, 1), "padding": (4, 1), "dilation": (3, 1)}),
 ]
 ACTIVATIONS = ["relu", "leaky_relu", "sigmoid", "tanh", "none"]
 NATIVE_ACTIVATION = {
@@ -158,6 +162,10 @@ CONV_T_CASES = [
     ("groups2_d2", (2, 4, 6, 5), (4, 3, 3, 3), {"groups": 2, "dilation": 2, "padding": 1}),
     ("depthwise", (2, 8, 9, 17), (8, 1, 3, 3), {"groups": 8, "padding": 1}),
     ("out_pad_below_dilation", (1, 2, 5, 5), (2, 3, 3, 3), {"dilation": 2, "output_padding": 1}),
+    # 32 output channels, k4 s2: the forward runs by phases (a stride-1 correlation each).
+    ("phases_k4_s2_p1_32", (2, 16, 7, 6), (16, 32, 4, 4), {"stride": 2, "padding": 1}),
+    ("phases_k4_s2_out_pad", (1, 8, 5, 6), (8, 64, 4, 4),
+     {"stride": 2, "padding": 2, "output_padding": 1}),
 ]
 
 

@@ -10,8 +10,9 @@
 //   - float32: an implicit GEMM over the same wide rows (in tiles of output pixels x
 //     channels when a group writes whole 64-channel tiles with AVX-512); stride 2 reads
 //     the input as phase planes (DirectPlan), which makes every tap a shifted plane
-//     again. The input gradient takes it for stride 1 only. Otherwise im2col in column
-//     tiles; both on pyops' register-tile GEMM (common/cpu_gemm.h).
+//     again. A stride-2 input gradient is one stride-1 correlation per phase of the
+//     input, where that pays (input_grad_by_phases). Otherwise im2col in column tiles
+//     (col2im for the input gradient); all on pyops' register-tile GEMM (common/cpu_gemm.h).
 //   - other dtypes: im2col + ATen's GEMM (the BLAS torch links), per sample and group.
 // All apply bias + activation (activation.h's functors) to each output tile or plane
 // right after computing it, while it is in registers or cache.
@@ -1408,6 +1409,102 @@ void implicit_correlation(const Fn& fn, const DirectPlan& p, int64_t batch, int6
   }
 }
 
+// ---- float32, stride 2: the input gradient by phases -------------------------------------
+// With stride s, input position ih = s * q + r - pad (r in [0, s)) receives only the taps k
+// with k * dilation = r (mod s), each from output position q - (k * dilation - r) / s. So
+// each phase (r_h, r_w) of the input gradient is a stride-1 correlation of grad_output with
+// that phase's taps, flipped, channels swapped: implicit_correlation on a plan of its own,
+// into a phase buffer then interleaved into grad_input. Each element is summed once, in
+// registers, with bias + activation in the epilogue, where col2im adds every tap's product
+// into memory; and no product is computed for a tap that does not reach the element.
+// Used where input_grad_by_phases says it pays.
+
+// One axis of one phase.
+struct PhaseAxis {
+  std::vector<int64_t> taps;  // the phase's kernel indices, last first (the flipped order)
+  int64_t first_q = 0;        // the first q whose position s * q + r - pad is inside
+  int64_t count = 0;          // the phase's positions inside [0, in_size)
+  int64_t pad = 0;            // the correlation plan's padding of grad_output
+};
+
+PhaseAxis phase_axis(int64_t r, int64_t stride, int64_t kernel, int64_t dilation, int64_t pad,
+                     int64_t in_size) {
+  PhaseAxis axis;
+  for (int64_t k = kernel - 1; k >= 0; --k) {
+    if (k * dilation % stride == r) axis.taps.push_back(k);
+  }
+  axis.first_q = first_index_reaching(0, r - pad, stride);
+  axis.count = std::max<int64_t>(0, first_index_reaching(in_size, r - pad, stride) - axis.first_q);
+  // Tap a (spaced by dilation in the flipped order) of output i must read grad_output
+  // position first_q + i - (taps[a] * dilation - r) / stride = i + a * dilation - pad.
+  axis.pad = (axis.taps.front() * dilation - r) / stride - axis.first_q;
+  return axis;
+}
+
+// Where the phases pay (1 thread, measured): every phase at least 2 taps along a strided
+// axis and at least 32 written channels (pixel tiles). conv_transpose2d k4 s2, 64 -> 32
+// channels on 28x28: 3.84 -> 2.24 ms, 64 -> 64: 6.56 -> 4.22 ms; but 3 written channels
+// (the 7x7 stem's input gradient) 2.9 -> 4.8 ms, and one-tap phases (3x3, stride 2, ResNet's
+// 128 -> 64 input gradient) 5.5 -> 6.1 ms, where col2im stays.
+bool input_grad_by_phases(const ConvShape& s) {
+  const auto axis_pays = [](int64_t stride, int64_t kernel) { return stride == 1 || kernel >= 4; };
+  return (s.stride_h == 2 || s.stride_w == 2) && implicit_gemm_reads_input(s) &&
+         axis_pays(s.stride_h, s.kernel_h) && axis_pays(s.stride_w, s.kernel_w) &&
+         s.in_per_group() >= 32;
+}
+
+template <typename Fn>
+void phases_backward_input(const Fn& fn, const ConvShape& s, const float* go,
+                           const Tensor& weight, const float* bias, float* gi) {
+  const int64_t in_pg = s.in_per_group(), out_pg = s.out_per_group();
+  const float* w = weight.const_data_ptr<float>();
+  for (int64_t rh = 0; rh < s.stride_h; ++rh) {
+    const PhaseAxis ah = phase_axis(rh, s.stride_h, s.kernel_h, s.dilation_h, s.pad_h, s.in_h);
+    for (int64_t rw = 0; rw < s.stride_w; ++rw) {
+      const PhaseAxis aw = phase_axis(rw, s.stride_w, s.kernel_w, s.dilation_w, s.pad_w, s.in_w);
+      if (ah.count == 0 || aw.count == 0) continue;
+      const int64_t th = static_cast<int64_t>(ah.taps.size());
+      const int64_t tw = static_cast<int64_t>(aw.taps.size());
+      // [groups * in_pg, out_pg * th * tw]: the phase's taps, flipped, channels swapped.
+      Tensor phase_weight = at::empty({s.groups * in_pg, out_pg * th * tw}, weight.options());
+      float* pw = phase_weight.data_ptr<float>();
+      for (int64_t g = 0; g < s.groups; ++g) {
+        for (int64_t ic = 0; ic < in_pg; ++ic) {
+          for (int64_t oc = 0; oc < out_pg; ++oc) {
+            const float* w_pair =
+                w + ((g * out_pg + oc) * in_pg + ic) * s.kernel_h * s.kernel_w;
+            float* dst = pw + ((g * in_pg + ic) * out_pg + oc) * th * tw;
+            for (int64_t a = 0; a < th; ++a) {
+              for (int64_t b = 0; b < tw; ++b) {
+                dst[a * tw + b] = w_pair[ah.taps[a] * s.kernel_w + aw.taps[b]];
+              }
+            }
+          }
+        }
+      }
+      const DirectPlan plan{s.out_h, s.out_w,  ah.pad,       aw.pad,      ah.count,
+                            aw.count, th,      tw,           s.dilation_h, s.dilation_w};
+      Tensor phase = at::empty({s.batch, s.in_channels, ah.count, aw.count}, weight.options());
+      implicit_correlation(fn, plan, s.batch, s.groups, out_pg, in_pg, go, phase_weight, bias,
+                           phase.data_ptr<float>());
+      // grad_input[.., s * (first_q + i) + r - pad, ..] = phase[.., i, ..]
+      const float* src = phase.const_data_ptr<float>();
+      const int64_t phase_plane = ah.count * aw.count, in_plane = s.in_plane();
+      const int64_t row0 = s.stride_h * ah.first_q + rh - s.pad_h;
+      const int64_t col0 = s.stride_w * aw.first_q + rw - s.pad_w;
+      at::parallel_for(0, s.batch * s.in_channels, 16, [&](int64_t begin, int64_t end) {
+        for (int64_t plane = begin; plane < end; ++plane) {
+          for (int64_t i = 0; i < ah.count; ++i) {
+            const float* src_row = src + plane * phase_plane + i * aw.count;
+            float* dst = gi + plane * in_plane + (row0 + s.stride_h * i) * s.in_w + col0;
+            for (int64_t j = 0; j < aw.count; ++j) dst[s.stride_w * j] = src_row[j];
+          }
+        }
+      });
+    }
+  }
+}
+
 // grad_weight_g^T [k, out_pg] = sum_n (implicit im2col of input[n, g]) @ grad_output[n, g]^T,
 // in chunks of whole output rows: each chunk of grad_output is transposed into B, and the
 // reduction runs over the real columns of each wide row only (a discarded column pairs
@@ -1594,8 +1691,9 @@ void backward_input(const ConvShape& s, const Tensor& grad_output, const Tensor&
   PYOPS_DISPATCH_FLOATING(grad_output.scalar_type(), "pyops_conv2d_backward_input_cpu", [&] {
     using Acc = opmath_t<scalar_t>;
     const scalar_t* b = bias.defined() ? bias.const_data_ptr<scalar_t>() : nullptr;
-    Path path = correlation_path<scalar_t>(s, s.out_per_group(), s.in_per_group(),
-                                           implicit_gemm_writes_input_grad(s));
+    Path path = correlation_path<scalar_t>(
+        s, s.out_per_group(), s.in_per_group(),
+        implicit_gemm_writes_input_grad(s) || input_grad_by_phases(s));
     if ((path == Path::kDirect || path == Path::kImplicitGemm) && !all_finite(weight)) {
       path = std::is_same_v<scalar_t, float> ? Path::kPackedGemm : Path::kAtenGemm;
     }
@@ -1608,7 +1706,10 @@ void backward_input(const ConvShape& s, const Tensor& grad_output, const Tensor&
       } else if (path == Path::kAtenGemm) {
         gemm_backward_input<scalar_t>(fn, s, grad_output, weight, b, grad_input);
       } else if constexpr (std::is_same_v<scalar_t, float>) {
-        if (path == Path::kImplicitGemm) {
+        if (path == Path::kImplicitGemm && !implicit_gemm_writes_input_grad(s)) {
+          phases_backward_input(fn, s, grad_output.const_data_ptr<float>(), weight, b,
+                                grad_input.data_ptr<float>());
+        } else if (path == Path::kImplicitGemm) {
           const Tensor w = flipped_weights<float>(s, weight);
           implicit_correlation(fn, input_grad_plan(s), s.batch, s.groups, s.out_per_group(),
                                s.in_per_group(), grad_output.const_data_ptr<float>(), w, b,
