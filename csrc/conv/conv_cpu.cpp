@@ -163,6 +163,20 @@ void copy_rows(const T* src, int64_t rows, int64_t cols, int64_t pitch, int64_t 
   std::fill(out, dst + total, Acc(0));
 }
 
+// dst[j] = src[step * j] for j in [0, n), converted to C: whole vectors for step 1 and,
+// without a conversion, for step 2 (copy_even); element by element otherwise.
+template <typename T, typename C>
+void gather_columns(const T* src, int64_t step, C* dst, int64_t n) {
+  if (step == 1) {
+    std::copy(src, src + n, dst);
+    return;
+  }
+  if constexpr (std::is_same_v<T, C>) {
+    if (step == 2) return copy_even(src, dst, n);
+  }
+  for (int64_t j = 0; j < n; ++j) dst[j] = static_cast<C>(src[step * j]);
+}
+
 // Smallest j >= 0 with step * j + first >= bound (step > 0; first, bound of any sign).
 int64_t first_index_reaching(int64_t bound, int64_t first, int64_t step) {
   const int64_t gap = bound - first;
@@ -188,18 +202,8 @@ void stage_phases(const T* src, const DirectPlan& p, Acc* dst) {
           continue;
         }
         std::fill(row, row + j0, Acc(0));
-        const T* src_row = src + y * p.src_w;
-        if constexpr (std::is_same_v<T, Acc>) {
-          if (p.stride_w == 2) {
-            copy_even(src_row + 2 * j0 + x_first, row + j0, j1 - j0);
-          } else {
-            for (int64_t j = j0; j < j1; ++j) row[j] = src_row[p.stride_w * j + x_first];
-          }
-        } else {
-          for (int64_t j = j0; j < j1; ++j) {
-            row[j] = static_cast<Acc>(src_row[p.stride_w * j + x_first]);
-          }
-        }
+        gather_columns(src + y * p.src_w + p.stride_w * j0 + x_first, p.stride_w, row + j0,
+                       j1 - j0);
         std::fill(row + j1, row + wp, Acc(0));
       }
     }
@@ -734,13 +738,7 @@ void im2col(const T* plane, const ConvShape& s, int64_t begin, int64_t end, C* c
       const T* src = plane + (ic * s.in_h + ih) * s.in_w + iw0;
       const int64_t a = std::clamp(lo, ow0, ow1), b = std::clamp(hi, a, ow1);
       std::fill(dst + ow0, dst + a, C(0));
-      if (s.stride_w == 1) {
-        std::copy(src + a, src + b, dst + a);
-      } else if (std::is_same_v<T, C> && s.stride_w == 2 && b > a) {
-        if constexpr (std::is_same_v<T, C>) copy_even(src + 2 * a, dst + a, b - a);
-      } else {
-        for (int64_t ow = a; ow < b; ++ow) dst[ow] = static_cast<C>(src[ow * s.stride_w]);
-      }
+      gather_columns(src + a * s.stride_w, s.stride_w, dst + a, b - a);
       std::fill(dst + b, dst + ow1, C(0));
     });
   }
