@@ -163,14 +163,12 @@ void copy_rows(const T* src, int64_t rows, int64_t cols, int64_t pitch, int64_t 
   std::fill(out, dst + total, Acc(0));
 }
 
-// dst[j] = src[step * j] for j in [0, n), converted to C: whole vectors for step 1 and,
-// without a conversion, for step 2 (copy_even); element by element otherwise.
+// dst[j] = src[step * j] for j in [0, n), converted to C: whole vectors for step 1
+// (copy_row) and, without a conversion, for step 2 (copy_even); element by element
+// otherwise.
 template <typename T, typename C>
 void gather_columns(const T* src, int64_t step, C* dst, int64_t n) {
-  if (step == 1) {
-    std::copy(src, src + n, dst);
-    return;
-  }
+  if (step == 1) return copy_row(src, n, dst);
   if constexpr (std::is_same_v<T, C>) {
     if (step == 2) return copy_even(src, dst, n);
   }
@@ -183,14 +181,16 @@ int64_t first_index_reaching(int64_t bound, int64_t first, int64_t step) {
   return gap <= 0 ? 0 : ceil_div(gap, step);
 }
 
-// The phase planes of a strided plan (DirectPlan), one after another, then zero slack.
+// Stages one source plane as the plan's phase planes (one for stride 1), one after
+// another, then zero slack: each staged element written once.
 template <typename T, typename Acc>
-void stage_phases(const T* src, const DirectPlan& p, Acc* dst) {
+void stage_plane(const T* src, const DirectPlan& p, Acc* dst) {
   const int64_t hp = p.staged_h(), wp = p.staged_w();
   for (int64_t a = 0; a < p.stride_h; ++a) {
     for (int64_t b = 0; b < p.stride_w; ++b) {
       Acc* phase = dst + (a * p.stride_w + b) * p.phase_size();
-      // Staged column j reads source column stride_w * j + b - pad_left.
+      // Staged column j reads source column stride_w * j + b - pad_left (pads may be
+      // negative: cropped).
       const int64_t x_first = b - p.pad_left;
       const int64_t j0 = std::min(wp, first_index_reaching(0, x_first, p.stride_w));
       const int64_t j1 = std::clamp(first_index_reaching(p.src_w, x_first, p.stride_w), j0, wp);
@@ -209,33 +209,6 @@ void stage_phases(const T* src, const DirectPlan& p, Acc* dst) {
     }
   }
   std::fill(dst + p.phases() * p.phase_size(), dst + staged_stride<Acc>(p), Acc(0));
-}
-
-template <typename T, typename Acc>
-void stage_plane(const T* src, const DirectPlan& p, Acc* dst) {
-  if (p.phases() > 1) return stage_phases(src, p, dst);
-  // Source rows and columns that land inside the staged plane (pads may be negative).
-  const int64_t y0 = std::max<int64_t>(0, -p.pad_top);
-  const int64_t y1 = std::min(p.src_h, p.staged_h() - p.pad_top);
-  const int64_t x0 = std::max<int64_t>(0, -p.pad_left);
-  const int64_t x1 = std::min(p.src_w, p.staged_w() - p.pad_left);
-  const int64_t total = staged_stride<Acc>(p);
-  if (y1 <= y0 || x1 <= x0) {
-    std::fill(dst, dst + total, Acc(0));
-    return;
-  }
-  const int64_t wp = p.staged_w();
-  Acc* first = dst + (y0 + p.pad_top) * wp;
-  std::fill(dst, first, Acc(0));
-  Acc* out = first;
-  for (int64_t y = y0; y < y1; ++y) {
-    Acc* row = first + (y - y0) * wp;
-    Acc* begin = row + x0 + p.pad_left;
-    std::fill(out, begin, Acc(0));
-    copy_row(src + y * p.src_w + x0, x1 - x0, begin);
-    out = begin + (x1 - x0);
-  }
-  std::fill(out, dst + total, Acc(0));
 }
 
 // stage_plane for `count` consecutive planes of src (plane_size elements apart), each

@@ -153,19 +153,34 @@ struct BackwardWeightProblem {
   }
 };
 
+// What one block of either GEMM kernel computes: the tile_m x tile_n outputs from
+// (row0, col0) of group g, summed over [k_begin, k_end), K split `split` of `splits`.
 // grid: x over N tiles, y over M tiles, z over (group, K split).
+struct BlockWork {
+  int64_t g, split, row0, col0, k_begin, k_end;
+};
+
+__device__ inline BlockWork block_work(int64_t k, int64_t splits, int64_t k_per_split,
+                                       int tile_m, int tile_n) {
+  BlockWork w;
+  w.g = blockIdx.z / splits;
+  w.split = blockIdx.z - w.g * splits;
+  w.row0 = static_cast<int64_t>(blockIdx.y) * tile_m;
+  w.col0 = static_cast<int64_t>(blockIdx.x) * tile_n;
+  w.k_begin = w.split * k_per_split;
+  w.k_end = w.k_begin + k_per_split < k ? w.k_begin + k_per_split : k;
+  return w;
+}
+
 template <typename Problem>
 __global__ void __launch_bounds__(kGemmThreads)
     implicit_gemm_kernel(Problem p, int64_t splits, int64_t k_per_split) {
   using Acc = typename Problem::Acc;
   __shared__ Acc a_tile[kTileK][kTileM];
   __shared__ Acc b_tile[kTileK][kTileN];
-  const int64_t M = p.m(), N = p.n(), K = p.k();
-  const int64_t g = blockIdx.z / splits, split = blockIdx.z - g * splits;
-  const int64_t row0 = static_cast<int64_t>(blockIdx.y) * kTileM;
-  const int64_t col0 = static_cast<int64_t>(blockIdx.x) * kTileN;
-  const int64_t k_begin = split * k_per_split;
-  const int64_t k_end = k_begin + k_per_split < K ? k_begin + k_per_split : K;
+  const int64_t M = p.m(), N = p.n();
+  const auto [g, split, row0, col0, k_begin, k_end] =
+      block_work(p.k(), splits, k_per_split, kTileM, kTileN);
   const int tid = threadIdx.x;
   const int thread_row = (tid / (kTileN / kMicro)) * kMicro;
   const int thread_col = (tid % (kTileN / kMicro)) * kMicro;
@@ -237,7 +252,7 @@ template <typename T>
 constexpr bool kHasTensorCorePath =
     std::is_same_v<T, at::Half> || std::is_same_v<T, at::BFloat16>;
 
-// grid as implicit_gemm_kernel's, with the tensor-core tile.
+// As implicit_gemm_kernel, with the tensor-core tile (grid: block_work's).
 template <typename Problem>
 __global__ void __launch_bounds__(kMmaThreads)
     implicit_gemm_mma_kernel(Problem p, int64_t splits, int64_t k_per_split) {
@@ -256,12 +271,9 @@ __global__ void __launch_bounds__(kMmaThreads)
   __shared__ __align__(32) T a_tile[kMmaTileM * kAPitch];
   __shared__ __align__(32) T b_tile[kMmaTileK * kBPitch];
   __shared__ __align__(32) float c_tile[kMmaTileM * kCPitch];
-  const int64_t M = p.m(), N = p.n(), K = p.k();
-  const int64_t g = blockIdx.z / splits, split = blockIdx.z - g * splits;
-  const int64_t row0 = static_cast<int64_t>(blockIdx.y) * kMmaTileM;
-  const int64_t col0 = static_cast<int64_t>(blockIdx.x) * kMmaTileN;
-  const int64_t k_begin = split * k_per_split;
-  const int64_t k_end = k_begin + k_per_split < K ? k_begin + k_per_split : K;
+  const int64_t M = p.m(), N = p.n();
+  const auto [g, split, row0, col0, k_begin, k_end] =
+      block_work(p.k(), splits, k_per_split, kMmaTileM, kMmaTileN);
   const int tid = threadIdx.x;
   const int warp = tid / 32;
   const int warp_row = (warp / 2) * 32, warp_col = (warp % 2) * 32;
