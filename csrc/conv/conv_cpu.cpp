@@ -7,7 +7,9 @@
 //     "wide" (Wp columns per row, the extra columns discarded), which turns the 2-D
 //     correlation into flat 1-D loops over contiguous memory that vectorize fully
 //     whatever the image width.
-//   - float32: an implicit GEMM over the same wide rows (in tiles of output pixels x
+//   - float32, 3x3 stride 1 with 16+ channels per group each side: Winograd F(2x2, 3x3),
+//     16 GEMMs over transformed tiles (2.25x fewer multiplies; forward and input gradient).
+//   - float32 otherwise: an implicit GEMM over the same wide rows (in tiles of output pixels x
 //     channels when a group writes whole 64-channel tiles with AVX-512); stride 2 reads
 //     the input as phase planes (DirectPlan), which makes every tap a shifted plane
 //     again. A stride-2 input gradient is one stride-1 correlation per phase of the
@@ -1363,12 +1365,325 @@ void implicit_forward_pixels(const Fn& fn, const DirectPlan& p, int64_t batch, i
   });
 }
 
+// ---- float32, 3x3 stride 1: Winograd F(2x2, 3x3) -----------------------------------------
+// A 3x3 stride-1 correlation computes each 2x2 block of outputs (a "tile") from the 4x4
+// input patch d under it as Y = A^T [(G w G^T) .* (B^T d B)] A (Lavin and Gray, "Fast
+// Algorithms for Convolutional Neural Networks", 2015): 16 multiplies per input/output
+// channel pair and tile instead of the direct sum's 36. Summed over input channels, the
+// 16 elementwise products are 16 independent GEMMs, U[xi] [out_pg x in_pg] @ V[xi]
+// [in_pg x tiles], on pyops' register-tile GEMM. B^T, G and A^T hold only 0, +-1 and
+// +-1/2, so the transforms are additions (and exact halvings), and the result differs
+// from the direct sum's by rounding only (docs/ACCURACY.md).
+//
+// Tiles are numbered like wide outputs: tile (ty, tx) is column ty * tws + tx of a tile
+// grid with tws = tw + 1 columns per row, the extra one computed and dropped. A block's
+// tile rows of one input plane are staged zero-padded as two row phases (padded rows
+// 2r and 2r + 1) of pitch 2 * tws, so the patch rows of consecutive tiles are consecutive
+// pairs of columns: each patch row of a vector of tiles is two loads and a deinterleave.
+// Staged per block and channel, the rows stay in L1 for the transform (staging whole
+// planes, 860 KB per sample of ResNet's 3x3, cost 12% of the time).
+//
+// Where an input or weight is inf or NaN, the transforms' differences can turn what the
+// direct sum makes +-inf into NaN; so a call whose sums are not all finite is recomputed
+// by the implicit GEMM, which pairs the products as a direct convolution does.
+
+// Tiles per block: the block's V and M stay in L2 (16 x 64 channels x 64 tiles x 4 bytes
+// = 256 KB each), and the block is one strip of the widest register tile.
+constexpr int64_t kWinogradBlock = 64;
+
+// Channels per group, on each side, below which the transforms cost more than they save.
+constexpr int64_t kWinogradMinChannels = 16;
+
+// Where Winograd replaces the implicit GEMM: a 3x3, stride-1, dilation-1 correlation with
+// enough channels on both sides for the 16 GEMMs to outweigh the transforms.
+bool use_winograd(const DirectPlan& p, int64_t in_pg, int64_t out_pg) {
+  return p.kernel_h == 3 && p.kernel_w == 3 && p.dilation_h == 1 && p.dilation_w == 1 &&
+         p.stride_h == 1 && p.stride_w == 1 && in_pg >= kWinogradMinChannels &&
+         out_pg >= kWinogradMinChannels;
+}
+
+// The tile grid of a correlation plan: th x tw real tiles, tws per row.
+struct WinogradTiles {
+  int64_t th, tw;
+  int64_t tws() const { return tw + 1; }
+  int64_t count() const { return (th - 1) * tws() + tw; }  // up to the last real tile
+  int64_t pitch() const { return 2 * tws(); }              // of a staged row
+};
+WinogradTiles winograd_tiles(const DirectPlan& p) {
+  return {ceil_div(p.out_h, 2), ceil_div(p.out_w, 2)};
+}
+
+// The staged rows of tiles [t0, t0 + width): row phases of tile rows ty0 .. ty1 + 1.
+struct WinogradRows {
+  int64_t ty0, rows;
+  int64_t phase_size(const WinogradTiles& tiles) const { return rows * tiles.pitch(); }
+};
+WinogradRows winograd_rows(const WinogradTiles& tiles, int64_t t0, int64_t width) {
+  const int64_t ty0 = t0 / tiles.tws(), ty1 = (t0 + width - 1) / tiles.tws();
+  return {ty0, ty1 - ty0 + 2};
+}
+
+// Elements of the staging buffer: a block's rows at most (4 tile rows and their
+// neighbours when tws is small), and the slack the last vector of tiles reads past them
+// (a patch's columns 2 and 3 read two vectors from column 4 t + 2).
+int64_t winograd_staging_size(const WinogradTiles& tiles) {
+  const int64_t rows = ceil_div(kWinogradBlock, tiles.tws()) + 2;
+  return 2 * rows * tiles.pitch() + 3 * Vec::size();
+}
+
+// Stages `rows` (WinogradRows) of one input plane of the correlation p: row phase a,
+// row r holds padded row 2 (rows.ty0 + r) + a, columns [0, pitch), zero outside the
+// source; then zero slack up to `size`.
+void winograd_stage_rows(const float* src, const DirectPlan& p, const WinogradTiles& tiles,
+                         const WinogradRows& rows, int64_t size, float* dst) {
+  const int64_t pitch = tiles.pitch();
+  const int64_t j0 = std::clamp<int64_t>(p.pad_left, 0, pitch);
+  const int64_t j1 = std::clamp<int64_t>(p.pad_left + p.src_w, j0, pitch);
+  for (int64_t a = 0; a < 2; ++a) {
+    for (int64_t r = 0; r < rows.rows; ++r) {
+      float* row = dst + a * rows.phase_size(tiles) + r * pitch;
+      const int64_t y = 2 * (rows.ty0 + r) + a - p.pad_top;
+      if (y < 0 || y >= p.src_h) {
+        std::fill(row, row + pitch, 0.f);
+        continue;
+      }
+      std::fill(row, row + j0, 0.f);
+      copy_row(src + y * p.src_w + (j0 - p.pad_left), j1 - j0, row + j0);
+      std::fill(row + j1, row + pitch, 0.f);
+    }
+  }
+  std::fill(dst + 2 * rows.phase_size(tiles), dst + size, 0.f);
+}
+
+// Elements between consecutive matrices V[xi] (of `channels` rows): one cache line more
+// than the matrix, so that the 16 rows the input transform writes for one channel do not
+// map to one L1 set, as they would 16 KB (a multiple of 4 KB) apart (the transform then
+// took twice as long).
+int64_t winograd_xi_stride(int64_t channels) { return channels * kWinogradBlock + 16; }
+
+// Elements between the products of consecutive output channels, M[oc] = [16][tiles]; a
+// line more than needed, for the same reason.
+constexpr int64_t kWinogradProductStride = 16 * kWinogradBlock + 16;
+
+// U[g][xi][oc][ic] = (G w[g * out_pg + oc][ic] G^T)[xi] for weights [groups * out_pg, in_pg,
+// 3, 3] (dense), computed in double and rounded once.
+Tensor winograd_weights(const Tensor& weights, int64_t groups, int64_t in_pg, int64_t out_pg) {
+  Tensor u = at::empty({groups, 16, out_pg, in_pg}, weights.options());
+  const float* w = weights.const_data_ptr<float>();
+  float* dst = u.data_ptr<float>();
+  at::parallel_for(0, groups * out_pg, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t go = begin; go < end; ++go) {
+      const int64_t g = go / out_pg, oc = go % out_pg;
+      for (int64_t ic = 0; ic < in_pg; ++ic) {
+        const float* k = w + (go * in_pg + ic) * 9;
+        double gk[4][3];  // G w
+        for (int c = 0; c < 3; ++c) {
+          const double top = k[c], mid = k[3 + c], bottom = k[6 + c];
+          gk[0][c] = top;
+          gk[1][c] = (top + mid + bottom) / 2;
+          gk[2][c] = (top - mid + bottom) / 2;
+          gk[3][c] = bottom;
+        }
+        for (int r = 0; r < 4; ++r) {  // (G w) G^T
+          const double left = gk[r][0], mid = gk[r][1], right = gk[r][2];
+          const double row[4] = {left, (left + mid + right) / 2, (left - mid + right) / 2, right};
+          for (int c = 0; c < 4; ++c) {
+            dst[((g * 16 + r * 4 + c) * out_pg + oc) * in_pg + ic] = static_cast<float>(row[c]);
+          }
+        }
+      }
+    }
+  });
+  return u;
+}
+
+// Asks for the source rows that winograd_stage_rows will read, one plane ahead: the rows
+// of consecutive channels are 4 KB and more apart, a pattern the hardware prefetchers do
+// not follow (1 thread, ResNet's 3x3 forward 6.9 -> 5.8 ms). The rows of a plane are one
+// contiguous range. An asm statement, as GCC 12 compiled __builtin_prefetch and
+// _mm_prefetch to nothing here.
+void prefetch_rows(const float* plane, const DirectPlan& p, const WinogradRows& rows) {
+  const int64_t y0 = std::clamp<int64_t>(2 * rows.ty0 - p.pad_top, 0, p.src_h);
+  const int64_t y1 = std::clamp<int64_t>(2 * (rows.ty0 + rows.rows) - p.pad_top, y0, p.src_h);
+  const char* begin = reinterpret_cast<const char*>(plane + y0 * p.src_w);
+  const char* end = reinterpret_cast<const char*>(plane + y1 * p.src_w);
+#if defined(__GNUC__) && (defined(__x86_64__) || defined(__i386__))
+  for (const char* line = begin; line < end; line += 64) {
+    asm volatile("prefetcht0 %0" : : "m"(*line));
+  }
+#else
+  (void)begin, (void)end;
+#endif
+}
+
+// V[xi][ic][t - t0] = (B^T d B)[xi] for tiles t in [t0, t0 + width) rounded up to whole
+// vectors, from `channels` input planes of the correlation p (in_plane apart); `staged`
+// holds winograd_staging_size elements.
+void winograd_input_tiles(const DirectPlan& p, const WinogradTiles& tiles, const float* input,
+                          int64_t channels, int64_t in_plane, int64_t t0, int64_t width,
+                          float* staged, float* v) {
+  constexpr int64_t kV = Vec::size();
+  const WinogradRows block_rows = winograd_rows(tiles, t0, width);
+  const int64_t pitch = tiles.pitch(), phase = block_rows.phase_size(tiles);
+  const int64_t xi_stride = winograd_xi_stride(channels);
+  // Patch row i of tile t starts at rows[i] + 2 (t - first): padded row 2 ty + i.
+  const float* rows[4] = {staged, staged + phase, staged + pitch, staged + phase + pitch};
+  const int64_t first = block_rows.ty0 * tiles.tws();
+  for (int64_t ic = 0; ic < channels; ++ic) {
+    if (ic + 1 < channels) prefetch_rows(input + (ic + 1) * in_plane, p, block_rows);
+    winograd_stage_rows(input + ic * in_plane, p, tiles, block_rows,
+                        winograd_staging_size(tiles), staged);
+    float* v_ic = v + ic * kWinogradBlock;
+    for (int64_t t = 0; t < width; t += kV) {
+      Vec r[4][4];  // d B: row i of the patches times B
+      for (int i = 0; i < 4; ++i) {
+        const float* src = rows[i] + 2 * (t0 + t - first);
+        const auto [d0, d1] = at::vec::deinterleave2(Vec::loadu(src), Vec::loadu(src + kV));
+        const auto [d2, d3] =
+            at::vec::deinterleave2(Vec::loadu(src + 2), Vec::loadu(src + 2 + kV));
+        r[i][0] = d0 - d2;
+        r[i][1] = d1 + d2;
+        r[i][2] = d2 - d1;
+        r[i][3] = d1 - d3;
+      }
+      for (int c = 0; c < 4; ++c) {  // B^T (d B)
+        (r[0][c] - r[2][c]).store(v_ic + (0 * 4 + c) * xi_stride + t);
+        (r[1][c] + r[2][c]).store(v_ic + (1 * 4 + c) * xi_stride + t);
+        (r[2][c] - r[1][c]).store(v_ic + (2 * 4 + c) * xi_stride + t);
+        (r[1][c] - r[3][c]).store(v_ic + (3 * 4 + c) * xi_stride + t);
+      }
+    }
+  }
+}
+
+// The outputs of tiles [t0, t0 + width) from their products M[oc][xi][t - t0]:
+// out[oc] = act(A^T M A + bias[oc]), written into the output planes (p's out_h x out_w).
+// Returns the lane-wise sum of every A^T M A times zero: not zero iff one is inf or NaN.
+template <typename Fn>
+Vec winograd_output_tiles(const Fn& fn, const DirectPlan& p, const WinogradTiles& tiles,
+                          const float* m, int64_t channels, int64_t t0, int64_t width,
+                          const float* bias, float* out) {
+  constexpr int64_t kV = Vec::size();
+  const int64_t tws = tiles.tws(), out_plane = p.out_h * p.out_w;
+  const Vec zero(0.f);
+  Vec non_finite(0.f);
+  // Row `dst` of a tile row's outputs: its tiles' left and right columns, interleaved.
+  const auto store_row = [&](const Vec& left, const Vec& right, float* dst, int64_t count) {
+    const auto [lo, hi] = at::vec::interleave2(left, right);
+    if (count >= 2 * kV) {
+      lo.store(dst);
+      hi.store(dst + kV);
+    } else if (count > kV) {
+      lo.store(dst);
+      hi.store(dst + kV, static_cast<int>(count - kV));
+    } else {
+      lo.store(dst, static_cast<int>(count));
+    }
+  };
+  for (int64_t oc = 0; oc < channels; ++oc) {
+    const float* m_oc = m + oc * kWinogradProductStride;
+    float* out_oc = out + oc * out_plane;
+    const Vec b(bias ? bias[oc] : 0.f);
+    for (int64_t ty = t0 / tws; ty * tws < t0 + width; ++ty) {
+      const int64_t row_t = ty * tws;
+      const int64_t tx_end = std::min(t0 + width, row_t + tiles.tw) - row_t;
+      for (int64_t tx = std::max(t0, row_t) - row_t; tx < tx_end; tx += kV) {
+        const int count = static_cast<int>(std::min(kV, tx_end - tx));
+        const float* m_t = m_oc + row_t + tx - t0;
+        Vec s0[4], s1[4];  // M A: row i of the products times A
+        for (int i = 0; i < 4; ++i) {
+          Vec mi[4];
+          for (int c = 0; c < 4; ++c) {
+            const float* src = m_t + (i * 4 + c) * kWinogradBlock;
+            mi[c] = count == kV ? Vec::loadu(src) : Vec::loadu(src, count);
+          }
+          s0[i] = mi[0] + mi[1] + mi[2];
+          s1[i] = mi[1] - mi[2] - mi[3];
+        }
+        const Vec y00 = s0[0] + s0[1] + s0[2], y01 = s1[0] + s1[1] + s1[2];
+        const Vec y10 = s0[1] - s0[2] - s0[3], y11 = s1[1] - s1[2] - s1[3];
+        non_finite = at::vec::fmadd(y00 + y01 + y10 + y11, zero, non_finite);
+        const int64_t oy = 2 * ty, ox = 2 * tx;
+        const int64_t columns = std::min(2 * int64_t{count}, p.out_w - ox);
+        float* dst = out_oc + oy * p.out_w + ox;
+        store_row(fn.forward(y00 + b), fn.forward(y01 + b), dst, columns);
+        if (oy + 1 < p.out_h) {
+          store_row(fn.forward(y10 + b), fn.forward(y11 + b), dst + p.out_w, columns);
+        }
+      }
+    }
+  }
+  return non_finite;
+}
+
+// implicit_correlation's result by Winograd (use_winograd(p, ...)); `weights` [groups *
+// out_pg, in_pg * 9], dense. Tasks are (sample, group, chunk of tile blocks), as in
+// implicit_forward_pixels. Returns false, with the output partly written, where some sum
+// is not finite.
+template <typename Fn>
+bool winograd_correlation(const Fn& fn, const DirectPlan& p, int64_t batch, int64_t groups,
+                          int64_t in_pg, int64_t out_pg, const float* input, const Tensor& weights,
+                          const float* bias, float* output) {
+  const WinogradTiles tiles = winograd_tiles(p);
+  const int64_t in_plane = p.src_h * p.src_w, out_plane = p.out_h * p.out_w;
+  const int64_t blocks = ceil_div(tiles.count(), kWinogradBlock);
+  const int64_t chunks = chunks_for(batch * groups, blocks);
+  const int64_t chunk_blocks = ceil_div(blocks, chunks);
+  const int64_t xi_stride = winograd_xi_stride(in_pg);
+  const Tensor u = winograd_weights(weights, groups, in_pg, out_pg);
+  const float* u_data = u.const_data_ptr<float>();
+  std::atomic<bool> all_finite_sums{true};
+  at::parallel_for(0, batch * groups * chunks, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> staged(winograd_staging_size(tiles));
+    // Zeroed once: the GEMM reads whole register-tile strips of V, past a last block's
+    // tiles (their products are never stored), and these must not be NaN or subnormal.
+    std::vector<float> v(16 * xi_stride, 0.f);
+    std::vector<float> m(out_pg * kWinogradProductStride);
+    Vec non_finite(0.f);
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t ng = task / chunks, g = ng % groups;
+      const int64_t b0 = (task % chunks) * chunk_blocks, b1 = std::min(blocks, b0 + chunk_blocks);
+      if (b0 >= b1) continue;
+      const float* in = input + ng * in_pg * in_plane;  // (n, g) planes are consecutive
+      const float* u_g = u_data + g * 16 * out_pg * in_pg;
+      const float* bias_g = bias ? bias + g * out_pg : nullptr;
+      float* out = output + ng * out_pg * out_plane;
+      for (int64_t blk = b0; blk < b1; ++blk) {
+        const int64_t t0 = blk * kWinogradBlock;
+        const int64_t width = std::min(kWinogradBlock, tiles.count() - t0);
+        winograd_input_tiles(p, tiles, in, in_pg, in_plane, t0, width, staged.data(), v.data());
+        for (int64_t xi = 0; xi < 16; ++xi) {
+          float* m_xi = m.data() + xi * kWinogradBlock;
+          gemm::gemm_tiles(out_pg, width, in_pg, u_g + xi * out_pg * in_pg,
+                           gemm::StridedRows{in_pg}, v.data() + xi * xi_stride,
+                           gemm::StridedRows{kWinogradBlock}, /*b_padded=*/true,
+                           [&](const auto& acc, int64_t row0, int rows, int64_t col0,
+                               int64_t cols) {
+                             gemm::store_tile(acc, rows, cols,
+                                              m_xi + row0 * kWinogradProductStride + col0,
+                                              kWinogradProductStride,
+                                              [](int, Vec x) { return x; });
+                           });
+        }
+        non_finite = non_finite + winograd_output_tiles(fn, p, tiles, m.data(), out_pg, t0,
+                                                        width, bias_g, out);
+      }
+    }
+    if (cpu::detail::lane_sum(non_finite) != 0.f) all_finite_sums = false;  // NaN != 0
+  });
+  return all_finite_sums;
+}
+
 // The correlation of implicit_forward (`weights` [groups * out_pg, k], dense), in
 // pixel tiles where use_pixel_tiles says they fit.
 template <typename Fn>
 void implicit_correlation(const Fn& fn, const DirectPlan& p, int64_t batch, int64_t groups,
                           int64_t in_pg, int64_t out_pg, const float* input, const Tensor& weights,
                           const float* bias, float* output) {
+  if (use_winograd(p, in_pg, out_pg) &&
+      winograd_correlation(fn, p, batch, groups, in_pg, out_pg, input, weights, bias, output)) {
+    return;
+  }
   if (use_pixel_tiles(out_pg)) {
     const int64_t k = in_pg * p.kernel_h * p.kernel_w;
     const Tensor weights_t = weights.view({groups, out_pg, k}).transpose(1, 2).contiguous();
