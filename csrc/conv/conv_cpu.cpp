@@ -7,8 +7,8 @@
 //     "wide" (Wp columns per row, the extra columns discarded), which turns the 2-D
 //     correlation into flat 1-D loops over contiguous memory that vectorize fully
 //     whatever the image width.
-//   - float32, 3x3 stride 1 with 16+ channels per group each side: Winograd F(2x2, 3x3),
-//     16 GEMMs over transformed tiles (2.25x fewer multiplies; forward and input gradient).
+//   - float32, 3x3 stride 1 with enough channels per group (use_winograd): Winograd
+//     F(2x2, 3x3), 16 GEMMs over transformed tiles (2.25x fewer multiplies; every pass).
 //   - float32 otherwise: an implicit GEMM over the same wide rows (in tiles of output pixels x
 //     channels when a group writes whole 64-channel tiles with AVX-512); stride 2 reads
 //     the input as phase planes (DirectPlan), which makes every tap a shifted plane
@@ -28,6 +28,7 @@
 #include <ATen/ops/zeros.h>
 
 #include <algorithm>
+#include <cmath>
 #include <atomic>
 #include <cstdint>
 #include <cstring>
@@ -1391,15 +1392,18 @@ void implicit_forward_pixels(const Fn& fn, const DirectPlan& p, int64_t batch, i
 // = 256 KB each), and the block is one strip of the widest register tile.
 constexpr int64_t kWinogradBlock = 64;
 
-// Channels per group, on each side, below which the transforms cost more than they save.
+// Channels per group on each side, and channel pairs, below which the transforms cost
+// more than the GEMMs save (1 thread, 8x16x56x56 -> 16: forward a tie, weight gradient
+// 0.80 -> 0.98 ms; from 24 -> 24 channels on, every pass gained).
 constexpr int64_t kWinogradMinChannels = 16;
+constexpr int64_t kWinogradMinChannelPairs = 512;
 
 // Where Winograd replaces the implicit GEMM: a 3x3, stride-1, dilation-1 correlation with
-// enough channels on both sides for the 16 GEMMs to outweigh the transforms.
+// enough channels for the 16 GEMMs to outweigh the transforms.
 bool use_winograd(const DirectPlan& p, int64_t in_pg, int64_t out_pg) {
   return p.kernel_h == 3 && p.kernel_w == 3 && p.dilation_h == 1 && p.dilation_w == 1 &&
-         p.stride_h == 1 && p.stride_w == 1 && in_pg >= kWinogradMinChannels &&
-         out_pg >= kWinogradMinChannels;
+         p.stride_h == 1 && p.stride_w == 1 && std::min(in_pg, out_pg) >= kWinogradMinChannels &&
+         in_pg * out_pg >= kWinogradMinChannelPairs;
 }
 
 // The tile grid of a correlation plan: th x tw real tiles, tws per row.
@@ -1672,6 +1676,141 @@ bool winograd_correlation(const Fn& fn, const DirectPlan& p, int64_t batch, int6
     if (cpu::detail::lane_sum(non_finite) != 0.f) all_finite_sums = false;  // NaN != 0
   });
   return all_finite_sums;
+}
+
+// The weight gradient of the same correlation: Y = A^T [U .* V] A with U = G w G^T makes
+// dU[xi] = sum over tiles of (A dY A^T)[xi] * V[xi], and dw = G^T dU G. Per block and xi,
+// dU^T [in_pg x out_pg] += V [in_pg x tiles] @ Q^T [tiles x out_pg]: the register-tile
+// GEMM again, with Q^T computed from grad_output transposed to [pixel][channel], so that
+// a tile's 16 values are whole vectors of channels. Samples are summed in the fixed batch
+// ranges of the other weight-gradient paths, each range in order: the same bits for any
+// thread count.
+
+// Elements between the matrices Q^T[xi] ([tiles][ldq]), a line more than their size for
+// the reason given at winograd_xi_stride.
+int64_t winograd_qt_stride(int64_t ldq) { return kWinogradBlock * ldq + 16; }
+
+// Q^T[xi][t - t0][oc] = (A dY A^T)[xi] of tiles t in [t0, t0 + width), dY the tile's 2x2
+// block of grad_output (zero past the plane's edges, and for the dropped tile of each
+// row). `go_t` holds grad_output's rows from 2 * ty0 on as [pixel][ldq].
+void winograd_grad_output_tiles(const DirectPlan& p, const WinogradTiles& tiles,
+                                const float* go_t, int64_t ty0, int64_t ldq, int64_t t0,
+                                int64_t width, float* qt) {
+  constexpr int64_t kV = Vec::size();
+  const int64_t xi_stride = winograd_qt_stride(ldq);
+  const Vec zero(0.f);
+  for (int64_t t = t0; t < t0 + width; ++t) {
+    float* q_t = qt + (t - t0) * ldq;
+    const int64_t ty = t / tiles.tws(), tx = t % tiles.tws();
+    if (tx == tiles.tw) {
+      for (int64_t xi = 0; xi < 16; ++xi) std::fill(q_t + xi * xi_stride, q_t + xi * xi_stride + ldq, 0.f);
+      continue;
+    }
+    const int64_t oy = 2 * ty, ox = 2 * tx;
+    const bool right = ox + 1 < p.out_w, below = oy + 1 < p.out_h;
+    const float* top = go_t + ((oy - 2 * ty0) * p.out_w + ox) * ldq;
+    const float* bottom = top + p.out_w * ldq;
+    for (int64_t c = 0; c < ldq; c += kV) {
+      const Vec g00 = Vec::loadu(top + c), g01 = right ? Vec::loadu(top + ldq + c) : zero;
+      const Vec g10 = below ? Vec::loadu(bottom + c) : zero;
+      const Vec g11 = right && below ? Vec::loadu(bottom + ldq + c) : zero;
+      // A dY, column by column
+      const Vec h[4][2] = {{g00, g01}, {g00 + g10, g01 + g11}, {g00 - g10, g01 - g11},
+                           {zero - g10, zero - g11}};
+      for (int i = 0; i < 4; ++i) {  // (A dY) A^T
+        float* q = q_t + i * 4 * xi_stride + c;
+        h[i][0].store(q);
+        (h[i][0] + h[i][1]).store(q + xi_stride);
+        (h[i][0] - h[i][1]).store(q + 2 * xi_stride);
+        (zero - h[i][1]).store(q + 3 * xi_stride);
+      }
+    }
+  }
+}
+
+// grad_weight of a 3x3 stride-1 convolution (use_winograd(forward plan, ...)). Returns
+// false, writing nothing, where some sum is not finite.
+bool winograd_backward_weight(const ConvShape& s, const DirectPlan& p, const float* input,
+                              const float* grad_output, const Tensor& grad_weight) {
+  const int64_t in_pg = s.in_per_group(), out_pg = s.out_per_group();
+  const int64_t in_plane = s.in_plane(), out_plane = s.out_plane();
+  const WinogradTiles tiles = winograd_tiles(p);
+  const int64_t blocks = ceil_div(tiles.count(), kWinogradBlock);
+  const int64_t ldq = round_up(out_pg, kStrip);  // Q^T's row: whole register-tile strips
+  const int64_t xi_stride = winograd_xi_stride(in_pg);
+  // grad_output rows a block's tiles read: its tile rows, two output rows each
+  const int64_t max_rows = 2 * (ceil_div(kWinogradBlock, tiles.tws()) + 1);
+  const int64_t ranges = std::min<int64_t>(s.batch, kWeightGradRanges);
+  // dU^T per range and group: [16][in_pg][ldq]
+  Tensor partial = at::zeros({ranges, s.groups, 16, in_pg, ldq}, grad_weight.options());
+  float* partial_data = partial.data_ptr<float>();
+  at::parallel_for(0, ranges, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> staged(winograd_staging_size(tiles));
+    std::vector<float> v(16 * xi_stride, 0.f);
+    std::vector<float> go_t(max_rows * s.out_w * ldq, 0.f);  // padding columns stay zero
+    std::vector<float> qt(16 * winograd_qt_stride(ldq));
+    for (int64_t r = begin; r < end; ++r) {
+      for (int64_t n = r * s.batch / ranges; n < (r + 1) * s.batch / ranges; ++n) {
+        for (int64_t g = 0; g < s.groups; ++g) {
+          const float* in = input + (n * s.in_channels + g * in_pg) * in_plane;
+          const float* grad = grad_output + (n * s.out_channels + g * out_pg) * out_plane;
+          float* sums = partial_data + (r * s.groups + g) * 16 * in_pg * ldq;
+          for (int64_t blk = 0; blk < blocks; ++blk) {
+            const int64_t t0 = blk * kWinogradBlock;
+            const int64_t width = std::min(kWinogradBlock, tiles.count() - t0);
+            const int64_t ty0 = t0 / tiles.tws(), ty1 = (t0 + width - 1) / tiles.tws();
+            const int64_t oy0 = 2 * ty0, oy1 = std::min(s.out_h, 2 * ty1 + 2);
+            transpose_rows(grad + oy0 * s.out_w, out_plane, out_pg, (oy1 - oy0) * s.out_w,
+                           go_t.data(), ldq);
+            winograd_grad_output_tiles(p, tiles, go_t.data(), ty0, ldq, t0, width, qt.data());
+            winograd_input_tiles(p, tiles, in, in_pg, in_plane, t0, width, staged.data(),
+                                 v.data());
+            for (int64_t xi = 0; xi < 16; ++xi) {
+              float* sums_xi = sums + xi * in_pg * ldq;
+              gemm::gemm_tiles(in_pg, out_pg, width, v.data() + xi * xi_stride,
+                               gemm::StridedRows{kWinogradBlock},
+                               qt.data() + xi * winograd_qt_stride(ldq), gemm::StridedRows{ldq},
+                               /*b_padded=*/true,
+                               [&](const auto& acc, int64_t row0, int rows, int64_t col0,
+                                   int64_t cols) {
+                                 gemm::accumulate_tile(acc, rows, cols,
+                                                       sums_xi + row0 * ldq + col0, ldq);
+                               });
+            }
+          }
+        }
+      }
+    }
+  });
+  const Tensor total = partial.sum(0);  // [groups, 16, in_pg, ldq], ranges in order
+  const float* du = total.const_data_ptr<float>();
+  for (int64_t i = 0; i < total.numel(); ++i) {
+    if (!std::isfinite(du[i])) return false;
+  }
+  // dw = G^T dU G, in double, rounded once
+  constexpr double kG[4][3] = {{1, 0, 0}, {0.5, 0.5, 0.5}, {0.5, -0.5, 0.5}, {0, 0, 1}};
+  float* dw = grad_weight.data_ptr<float>();
+  at::parallel_for(0, s.groups * out_pg, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t go = begin; go < end; ++go) {
+      const int64_t g = go / out_pg, oc = go % out_pg;
+      for (int64_t ic = 0; ic < in_pg; ++ic) {
+        double u[4][4];
+        for (int xi = 0; xi < 16; ++xi) {
+          u[xi / 4][xi % 4] = du[((g * 16 + xi) * in_pg + ic) * ldq + oc];
+        }
+        for (int a = 0; a < 3; ++a) {
+          for (int b = 0; b < 3; ++b) {
+            double sum = 0;
+            for (int i = 0; i < 4; ++i) {
+              for (int j = 0; j < 4; ++j) sum += kG[i][a] * u[i][j] * kG[j][b];
+            }
+            dw[(go * in_pg + ic) * 9 + a * 3 + b] = static_cast<float>(sum);
+          }
+        }
+      }
+    }
+  });
+  return true;
 }
 
 // The correlation of implicit_forward (`weights` [groups * out_pg, k], dense), in
@@ -2029,7 +2168,12 @@ void backward_weight(const ConvShape& s, const Tensor& input, const Tensor& grad
       const float* in = input.const_data_ptr<float>();
       const float* go = grad_output.const_data_ptr<float>();
       if (path == Path::kImplicitGemm) {
-        implicit_backward_weight(s, forward_plan(s), in, go, grad_weight);
+        const DirectPlan p = forward_plan(s);
+        if (use_winograd(p, s.in_per_group(), s.out_per_group()) &&
+            winograd_backward_weight(s, p, in, go, grad_weight)) {
+          return;
+        }
+        implicit_backward_weight(s, p, in, go, grad_weight);
       } else {
         sgemm_backward_weight(s, in, go, grad_weight);
       }
