@@ -1427,9 +1427,10 @@ WinogradRows winograd_rows(const WinogradTiles& tiles, int64_t t0, int64_t width
   return {ty0, ty1 - ty0 + 2};
 }
 
-// Elements of the staging buffer: a block's rows at most (4 tile rows and their
-// neighbours when tws is small), and the slack the last vector of tiles reads past them
-// (a patch's columns 2 and 3 read two vectors from column 4 t + 2).
+// Elements of the staging buffer: the most rows a block stages (the tile rows 64 tiles
+// can span, and the one below), and slack for the last vector of tiles, whose patch
+// columns 2 and 3 are two vectors loaded from staged column 2 t + 2: up to 2 kV - 2
+// elements past the rows.
 int64_t winograd_staging_size(const WinogradTiles& tiles) {
   const int64_t rows = ceil_div(kWinogradBlock, tiles.tws()) + 2;
   return 2 * rows * tiles.pitch() + 3 * Vec::size();
