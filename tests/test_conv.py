@@ -348,6 +348,25 @@ def test_grad_weight_does_not_depend_on_thread_count():
     assert torch.equal(results[0][0], results[1][0])
 
 
+def test_winograd_does_not_depend_on_thread_count():
+    # Tile blocks and batch ranges are fixed by the shape; batch 1 splits a plane's
+    # blocks between threads.
+    for name in ("winograd_blocks", "winograd_groups2_valid"):
+        case = next(c for c in CONV_CASES if c[0] == name)
+        x, w, b, kwargs = conv_args(case, requires_grad=True)
+        threads = torch.get_num_threads()
+        results = []
+        try:
+            for n in (1, 2, 3):
+                torch.set_num_threads(n)
+                results.append(grads_of(lambda: F.conv2d(x, w, b, **kwargs), (x, w, b)))
+        finally:
+            torch.set_num_threads(threads)
+        for out, grads in results[1:]:
+            assert torch.equal(out, results[0][0])
+            assert all(torch.equal(g, r) for g, r in zip(grads, results[0][1]))
+
+
 # ---- opcheck and torch.compile --------------------------------------------------------------
 
 def _opcheck_cases():
