@@ -110,9 +110,10 @@ def conv_args(case, dtype=torch.float32, device="cpu", bias=True, requires_grad=
     return x, w, b, kwargs
 
 
-def grads_of(fn, inputs, seed=3):
+def grads_of(fn, inputs, seed=3, upstream=None):
     out = fn()
-    upstream = make(out.shape, out.dtype, out.device, seed)
+    if upstream is None:
+        upstream = make(out.shape, out.dtype, out.device, seed)
     wanted = [t for t in inputs if t is not None]
     return out, torch.autograd.grad(out, wanted, upstream)
 
@@ -580,14 +581,9 @@ def test_non_finite_values_propagate_like_torch(case, upstream):
     if upstream == "non_finite":
         g.view(-1)[[5, g.numel() // 3]] = torch.tensor([float("inf"), float("nan")])
     wrt = (x, w) if upstream == "finite" else (x,)
-    ours = grads_of_upstream(lambda: F.conv2d(x, w, b, **kwargs), wrt, g)
-    theirs = grads_of_upstream(lambda: TF.conv2d(x, w, b, **kwargs), wrt, g)
-    for a, r in zip(ours, theirs):
+    out, grads = grads_of(lambda: F.conv2d(x, w, b, **kwargs), wrt, upstream=g)
+    ref, ref_grads = grads_of(lambda: TF.conv2d(x, w, b, **kwargs), wrt, upstream=g)
+    for a, r in zip((out.detach(), *grads), (ref.detach(), *ref_grads)):
         assert torch.equal(a.isnan(), r.isnan()) and torch.equal(a.isinf(), r.isinf())
         assert torch.equal(a[r.isinf()], r[r.isinf()])
         assert_near(a[r.isfinite()], r[r.isfinite()], torch.float32)
-
-
-def grads_of_upstream(fn, inputs, upstream):
-    out = fn()
-    return (out.detach(), *torch.autograd.grad(out, inputs, upstream))

@@ -28,7 +28,6 @@
 #include <ATen/ops/zeros.h>
 
 #include <algorithm>
-#include <cmath>
 #include <atomic>
 #include <cstdint>
 #include <cstring>
@@ -1417,6 +1416,11 @@ WinogradTiles winograd_tiles(const DirectPlan& p) {
   return {ceil_div(p.out_h, 2), ceil_div(p.out_w, 2)};
 }
 
+// The most tile rows a block of tiles spans (one that starts at a row's last tile).
+int64_t winograd_max_block_rows(const WinogradTiles& tiles) {
+  return ceil_div(kWinogradBlock, tiles.tws()) + 1;
+}
+
 // The staged rows of tiles [t0, t0 + width): row phases of tile rows ty0 .. ty1 + 1.
 struct WinogradRows {
   int64_t ty0, rows;
@@ -1427,12 +1431,11 @@ WinogradRows winograd_rows(const WinogradTiles& tiles, int64_t t0, int64_t width
   return {ty0, ty1 - ty0 + 2};
 }
 
-// Elements of the staging buffer: the most rows a block stages (the tile rows 64 tiles
-// can span, and the one below), and slack for the last vector of tiles, whose patch
-// columns 2 and 3 are two vectors loaded from staged column 2 t + 2: up to 2 kV - 2
-// elements past the rows.
+// Elements of the staging buffer: the most rows a block stages (its tile rows and the
+// one below), and slack for the last vector of tiles, whose patch columns 2 and 3 are two
+// vectors loaded from staged column 2 t + 2: up to 2 kV - 2 elements past the rows.
 int64_t winograd_staging_size(const WinogradTiles& tiles) {
-  const int64_t rows = ceil_div(kWinogradBlock, tiles.tws()) + 2;
+  const int64_t rows = winograd_max_block_rows(tiles) + 1;
   return 2 * rows * tiles.pitch() + 3 * Vec::size();
 }
 
@@ -1679,6 +1682,8 @@ bool winograd_correlation(const Fn& fn, const DirectPlan& p, int64_t batch, int6
   return all_finite_sums;
 }
 
+bool all_finite(const Tensor& t);  // with the entry points below
+
 // The weight gradient of the same correlation: Y = A^T [U .* V] A with U = G w G^T makes
 // dU[xi] = sum over tiles of (A dY A^T)[xi] * V[xi], and dw = G^T dU G. Per block and xi,
 // dU^T [in_pg x out_pg] += V [in_pg x tiles] @ Q^T [tiles x out_pg]: the register-tile
@@ -1704,7 +1709,9 @@ void winograd_grad_output_tiles(const DirectPlan& p, const WinogradTiles& tiles,
     float* q_t = qt + (t - t0) * ldq;
     const int64_t ty = t / tiles.tws(), tx = t % tiles.tws();
     if (tx == tiles.tw) {
-      for (int64_t xi = 0; xi < 16; ++xi) std::fill(q_t + xi * xi_stride, q_t + xi * xi_stride + ldq, 0.f);
+      for (int64_t xi = 0; xi < 16; ++xi) {
+        std::fill(q_t + xi * xi_stride, q_t + xi * xi_stride + ldq, 0.f);
+      }
       continue;
     }
     const int64_t oy = 2 * ty, ox = 2 * tx;
@@ -1739,8 +1746,8 @@ bool winograd_backward_weight(const ConvShape& s, const DirectPlan& p, const flo
   const int64_t blocks = ceil_div(tiles.count(), kWinogradBlock);
   const int64_t ldq = round_up(out_pg, kStrip);  // Q^T's row: whole register-tile strips
   const int64_t xi_stride = winograd_xi_stride(in_pg);
-  // grad_output rows a block's tiles read: its tile rows, two output rows each
-  const int64_t max_rows = 2 * (ceil_div(kWinogradBlock, tiles.tws()) + 1);
+  // grad_output rows a block's tiles read: two per tile row
+  const int64_t max_rows = 2 * winograd_max_block_rows(tiles);
   const int64_t ranges = std::min<int64_t>(s.batch, kWeightGradRanges);
   // dU^T per range and group: [16][in_pg][ldq]
   Tensor partial = at::zeros({ranges, s.groups, 16, in_pg, ldq}, grad_weight.options());
@@ -1759,11 +1766,14 @@ bool winograd_backward_weight(const ConvShape& s, const DirectPlan& p, const flo
           for (int64_t blk = 0; blk < blocks; ++blk) {
             const int64_t t0 = blk * kWinogradBlock;
             const int64_t width = std::min(kWinogradBlock, tiles.count() - t0);
-            const int64_t ty0 = t0 / tiles.tws(), ty1 = (t0 + width - 1) / tiles.tws();
-            const int64_t oy0 = 2 * ty0, oy1 = std::min(s.out_h, 2 * ty1 + 2);
+            // the block's tile rows: rows.rows - 1 of them (winograd_rows stages one more)
+            const WinogradRows rows = winograd_rows(tiles, t0, width);
+            const int64_t oy0 = 2 * rows.ty0;
+            const int64_t oy1 = std::min(s.out_h, oy0 + 2 * (rows.rows - 1));
             transpose_rows(grad + oy0 * s.out_w, out_plane, out_pg, (oy1 - oy0) * s.out_w,
                            go_t.data(), ldq);
-            winograd_grad_output_tiles(p, tiles, go_t.data(), ty0, ldq, t0, width, qt.data());
+            winograd_grad_output_tiles(p, tiles, go_t.data(), rows.ty0, ldq, t0, width,
+                                       qt.data());
             winograd_input_tiles(p, tiles, in, in_pg, in_plane, t0, width, staged.data(),
                                  v.data());
             for (int64_t xi = 0; xi < 16; ++xi) {
@@ -1784,10 +1794,8 @@ bool winograd_backward_weight(const ConvShape& s, const DirectPlan& p, const flo
     }
   });
   const Tensor total = partial.sum(0);  // [groups, 16, in_pg, ldq], ranges in order
+  if (!all_finite(total)) return false;
   const float* du = total.const_data_ptr<float>();
-  for (int64_t i = 0; i < total.numel(); ++i) {
-    if (!std::isfinite(du[i])) return false;
-  }
   // dw = G^T dU G, in double, rounded once
   constexpr double kG[4][3] = {{1, 0, 0}, {0.5, 0.5, 0.5}, {0.5, -0.5, 0.5}, {0, 0, 1}};
   float* dw = grad_weight.data_ptr<float>();
